@@ -1,0 +1,476 @@
+import gzip
+import json
+import multiprocessing
+import re
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from trainers.data import DataUnavailableError
+from trainers.data.text import (
+    HELD_OUT_EVERY,
+    TextSource,
+    TokenBatches,
+    TokenizerSpec,
+    TokenShards,
+    iter_documents,
+    padded_vocab_size,
+    prepare_token_shards,
+)
+
+BIBLE_CHAPTERS = 1189
+VERSE_REFERENCE = re.compile(r"^[1-3]?[A-Za-z]+\d+:\d+ ", re.MULTILINE)
+WORDS = [
+    "river", "stone", "lantern", "orchard", "harbor", "meadow", "copper", "falcon",
+    "thistle", "ember", "glacier", "willow", "anchor", "saffron", "quarry", "velvet",
+]  # fmt: skip
+
+
+def paragraph(index: int) -> str:
+    """Return a short deterministic paragraph built from WORDS."""
+    words = [WORDS[(index * 7 + offset * 3) % len(WORDS)] for offset in range(12)]
+    return f"Paragraph {index}: " + " ".join(words) + "."
+
+
+def write_text_files(
+    directory: Path, files: int = 3, paragraphs: int = 20
+) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for file_index in range(files):
+        blocks = [
+            paragraph(file_index * paragraphs + index) for index in range(paragraphs)
+        ]
+        path = directory / f"part{file_index}.txt"
+        path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def write_c4_shard(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as shard:
+        for text in texts:
+            record = {"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "x"}
+            shard.write(json.dumps(record) + "\n")
+
+
+def save_word_level_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """Save a WordLevel PreTrainedTokenizerFast whose WORDS get the highest ids."""
+    vocab = {"<unk>": 0, "</s>": 1}
+    first_word_id = vocab_size - len(WORDS) - 1
+    for index in range(2, first_word_id):
+        vocab[f"filler{index}"] = index
+    for offset, word in enumerate(WORDS + ["Paragraph"]):
+        vocab[word] = first_word_id + offset
+    model = models.WordLevel(vocab, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>"
+    )
+    wrapped.save_pretrained(str(directory))
+    return directory
+
+
+def split_at(tokens: np.ndarray, separator: int) -> list[list[int]]:
+    documents, current = [], []
+    for token in tokens.tolist():
+        if token == separator:
+            documents.append(current)
+            current = []
+        else:
+            current.append(token)
+    assert current == [], "the last document is not followed by EOS"
+    return documents
+
+
+@pytest.fixture(scope="module")
+def bible_shards(tmp_path_factory):
+    cache_root = tmp_path_factory.mktemp("bible-cache")
+    return prepare_token_shards(
+        TextSource("bible"),
+        TokenizerSpec("bpe"),
+        cache_root,
+        seq_len=64,
+        val_tokens=65536,
+    )
+
+
+# Sources
+
+
+def test_bible_yields_chapters_without_references():
+    train = list(iter_documents(TextSource("bible"), "train"))
+    validation = list(iter_documents(TextSource("bible"), "validation"))
+
+    assert len(train) + len(validation) == BIBLE_CHAPTERS
+    assert len(validation) == BIBLE_CHAPTERS // HELD_OUT_EVERY
+    assert train[0].startswith("In the beginning God created the heaven and the earth.")
+    assert train[-1].endswith(
+        "The grace of our Lord Jesus Christ be with you all. Amen."
+    )
+    assert not any(VERSE_REFERENCE.search(chapter) for chapter in train + validation)
+
+
+def test_bible_split_is_disjoint_and_spread():
+    train = list(iter_documents(TextSource("bible"), "train"))
+    validation = list(iter_documents(TextSource("bible"), "validation"))
+
+    assert set(train).isdisjoint(validation)
+    # Chapter index 9 is Genesis 10 and index 1179 is Revelation 13.
+    assert validation[0].startswith("Now these are the generations of the sons of Noah")
+    assert validation[-1].startswith("And I stood upon the sand of the sea")
+
+
+def test_bible_max_documents():
+    source = TextSource("bible", max_documents=3)
+
+    assert len(list(iter_documents(source, "train"))) == 3
+    assert len(list(iter_documents(source, "validation"))) == 3
+
+
+def test_bible_missing_command_names_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    with pytest.raises(DataUnavailableError, match="apt-get install bible-kjv"):
+        list(iter_documents(TextSource("bible"), "train"))
+    with pytest.raises(DataUnavailableError, match="apt-get install bible-kjv"):
+        prepare_token_shards(
+            TextSource("bible"), TokenizerSpec("bpe"), tmp_path / "cache", seq_len=8
+        )
+
+
+def test_files_yield_paragraph_blocks(tmp_path):
+    write_text_files(tmp_path / "corpus", files=3, paragraphs=20)
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+
+    train = list(iter_documents(source, "train"))
+    validation = list(iter_documents(source, "validation"))
+
+    assert len(train) == 54
+    assert len(validation) == 6
+    assert train[0] == paragraph(0)
+    assert validation[0] == paragraph(HELD_OUT_EVERY - 1)
+    assert set(train).isdisjoint(validation)
+
+
+def test_files_missing_name_option(tmp_path):
+    cases = [
+        TextSource("files"),
+        TextSource("files", paths=(str(tmp_path / "absent.txt"),)),
+        TextSource("files", paths=(str(tmp_path / "*.txt"),)),
+        TextSource("files", paths=(str(tmp_path),)),
+    ]
+    for source in cases:
+        with pytest.raises(DataUnavailableError, match="text_files"):
+            list(iter_documents(source, "train"))
+
+
+def test_c4_local_reads_split_shards(tmp_path):
+    root = tmp_path / "c4" / "en"
+    write_c4_shard(root / "c4-train.00000-of-01024.json.gz", ["train one", "train two"])
+    write_c4_shard(root / "c4-train.00001-of-01024.json.gz", ["train three"])
+    write_c4_shard(root / "c4-validation.00000-of-00008.json.gz", ["held out"])
+    source = TextSource("c4_local", paths=(str(tmp_path / "c4"),))
+
+    assert list(iter_documents(source, "train")) == [
+        "train one",
+        "train two",
+        "train three",
+    ]
+    assert list(iter_documents(source, "validation")) == ["held out"]
+
+
+def test_c4_local_missing_names_data_dir(tmp_path):
+    write_c4_shard(tmp_path / "c4-train.00000-of-01024.json.gz", ["only train"])
+    cases = [
+        (TextSource("c4_local"), "train"),
+        (TextSource("c4_local", paths=(str(tmp_path / "absent"),)), "train"),
+        (TextSource("c4_local", paths=(str(tmp_path),)), "validation"),
+    ]
+    for source, split in cases:
+        with pytest.raises(DataUnavailableError, match="--data-dir"):
+            list(iter_documents(source, split))
+
+
+def test_hub_sources_offline_name_local_sources(monkeypatch):
+    # datasets and huggingface_hub read HF_HUB_OFFLINE at import, so the test sets
+    # the parsed values. Offline mode fails at once instead of retrying the network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    for kind in ("c4_hub", "openwebtext_hub"):
+        with pytest.raises(DataUnavailableError, match="c4_local") as raised:
+            next(iter_documents(TextSource(kind), "validation"))
+        assert "text_files" in str(raised.value)
+
+
+# Shards
+
+
+def test_bible_shards_fit_default_validation(bible_shards):
+    assert bible_shards.vocab_size == 4096
+    assert bible_shards.model_vocab_size == 4096
+    assert bible_shards.dtype == "uint16"
+    assert bible_shards.val_tokens == 65536
+    assert bible_shards.train_tokens > 800_000
+    assert bible_shards.tokens("train").dtype == np.uint16
+
+
+def test_bpe_shards_pack_documents_with_eos(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+
+    shards = prepare_token_shards(
+        source, TokenizerSpec("bpe", vocab_size=300), tmp_path / "cache", seq_len=16
+    )
+
+    assert shards.dtype == "uint16"
+    assert shards.tokens("train").dtype == np.uint16
+    tokenizer = Tokenizer.from_file(str(shards.directory / "tokenizer.json"))
+    assert tokenizer.token_to_id("<|endoftext|>") == shards.eos_id
+    for split in ("train", "validation"):
+        documents = split_at(shards.tokens(split), shards.eos_id)
+        expected = list(iter_documents(source, split))
+        assert [tokenizer.decode(ids) for ids in documents] == expected
+
+
+def test_bpe_shards_are_cached(tmp_path):
+    paths = write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    spec = TokenizerSpec("bpe", vocab_size=300)
+    cache_root = tmp_path / "cache"
+
+    first = prepare_token_shards(source, spec, cache_root, seq_len=16)
+    train_mtime = (first.directory / "train.bin").stat().st_mtime_ns
+    second = prepare_token_shards(source, spec, cache_root, seq_len=16)
+
+    assert second == first
+    assert (second.directory / "train.bin").stat().st_mtime_ns == train_mtime
+    assert sorted(path.name for path in cache_root.iterdir() if path.is_dir()) == [
+        first.directory.name
+    ]
+
+    paths[0].write_text(paragraph(100) + "\n\n" + paragraph(101) + "\n")
+    changed = prepare_token_shards(source, spec, cache_root, seq_len=16)
+
+    assert changed.directory != first.directory
+    assert changed.train_tokens < first.train_tokens
+
+
+def test_shards_key_covers_options(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    cache_root = tmp_path / "cache"
+
+    base = prepare_token_shards(
+        source, TokenizerSpec("bpe", 300), cache_root, seq_len=8
+    )
+    other_vocab = prepare_token_shards(
+        source, TokenizerSpec("bpe", 320), cache_root, seq_len=8
+    )
+    other_seq_len = prepare_token_shards(
+        source, TokenizerSpec("bpe", 300), cache_root, seq_len=4
+    )
+
+    assert other_vocab.directory != base.directory
+    assert other_seq_len.directory == base.directory
+
+
+def test_val_tokens_fixes_validation_size(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+
+    shards = prepare_token_shards(
+        source,
+        TokenizerSpec("bpe", vocab_size=300),
+        tmp_path / "cache",
+        seq_len=8,
+        val_tokens=40,
+        max_train_tokens=100,
+    )
+
+    assert shards.val_tokens == 40
+    assert shards.train_tokens == 100
+    assert (shards.directory / "val.bin").stat().st_size == 40 * 2
+    assert len(shards.tokens("validation")) == 40
+
+
+def test_val_tokens_longer_than_held_out_text(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    cache_root = tmp_path / "cache"
+    available = prepare_token_shards(
+        source, TokenizerSpec("bpe", 300), cache_root, seq_len=8
+    ).val_tokens
+
+    with pytest.raises(DataUnavailableError) as raised:
+        prepare_token_shards(
+            source, TokenizerSpec("bpe", 300), cache_root, seq_len=8, val_tokens=10_000
+        )
+
+    assert "10000" in str(raised.value)
+    assert str(available) in str(raised.value)
+    assert [
+        path.name for path in cache_root.iterdir() if path.name.startswith(".tmp")
+    ] == []
+
+
+def test_split_shorter_than_window_raises(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+
+    with pytest.raises(DataUnavailableError, match="seq_len"):
+        prepare_token_shards(
+            source, TokenizerSpec("bpe", 300), tmp_path / "cache", seq_len=100_000
+        )
+
+
+def _prepare_in_child(corpus: str, cache_root: str) -> str:
+    source = TextSource("files", paths=(corpus,))
+    shards = prepare_token_shards(
+        source, TokenizerSpec("bpe", 300), Path(cache_root), seq_len=8
+    )
+    return str(shards.directory)
+
+
+def test_concurrent_preparation_builds_once(tmp_path):
+    write_text_files(tmp_path / "corpus", files=2, paragraphs=200)
+    corpus = str(tmp_path / "corpus" / "*.txt")
+    cache_root = tmp_path / "cache"
+    context = multiprocessing.get_context("fork")
+
+    with context.Pool(2) as pool:
+        directories = pool.starmap(_prepare_in_child, [(corpus, str(cache_root))] * 2)
+
+    assert directories[0] == directories[1]
+    assert [path.name for path in cache_root.iterdir() if path.is_dir()] == [
+        Path(directories[0]).name
+    ]
+
+
+def test_pretrained_tokenizer_large_vocab_uses_uint32(tmp_path):
+    write_c4_shard(
+        tmp_path / "c4" / "c4-train.00000-of-01024.json.gz",
+        [paragraph(index) for index in range(30)],
+    )
+    write_c4_shard(
+        tmp_path / "c4" / "c4-validation.00000-of-00008.json.gz",
+        [paragraph(index) for index in range(100, 110)],
+    )
+    tokenizer_dir = save_word_level_tokenizer(tmp_path / "tokenizer", vocab_size=70_000)
+    spec = TokenizerSpec("pretrained", name_or_path=str(tokenizer_dir))
+    source = TextSource("c4_local", paths=(str(tmp_path / "c4"),))
+
+    shards = prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+
+    assert shards.vocab_size == 70_000
+    assert shards.model_vocab_size == 70_016
+    assert shards.dtype == "uint32"
+    assert shards.eos_id == 1
+    tokens = shards.tokens("train")
+    assert tokens.dtype == np.uint32
+    assert tokens.max() == 69_999
+    wrapped = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    documents = split_at(shards.tokens("validation"), shards.eos_id)
+    assert (
+        documents[0] == wrapped(paragraph(100), add_special_tokens=False)["input_ids"]
+    )
+    assert len(documents) == 10
+
+
+def test_pretrained_tokenizer_small_vocab_uses_uint16(tmp_path):
+    write_c4_shard(
+        tmp_path / "c4" / "c4-train.00000-of-01024.json.gz",
+        [paragraph(index) for index in range(30)],
+    )
+    write_c4_shard(
+        tmp_path / "c4" / "c4-validation.00000-of-00008.json.gz",
+        [paragraph(index) for index in range(100, 110)],
+    )
+    tokenizer_dir = save_word_level_tokenizer(tmp_path / "tokenizer", vocab_size=500)
+    spec = TokenizerSpec("pretrained", name_or_path=str(tokenizer_dir))
+    source = TextSource("c4_local", paths=(str(tmp_path / "c4"),))
+
+    shards = prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+
+    assert shards.vocab_size == 500
+    assert shards.model_vocab_size == 512
+    assert shards.dtype == "uint16"
+    assert shards.tokens("train").max() == 499
+
+
+def test_pretrained_tokenizer_missing_directory(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    spec = TokenizerSpec("pretrained", name_or_path=str(tmp_path / "no-tokenizer"))
+
+    with pytest.raises(DataUnavailableError, match="name_or_path"):
+        prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+
+
+def test_padded_vocab_size():
+    assert padded_vocab_size(50257) == 50304
+    assert padded_vocab_size(32100) == 32128
+    assert padded_vocab_size(4096) == 4096
+
+
+def test_shards_load_round_trip(bible_shards, tmp_path):
+    assert TokenShards.load(bible_shards.directory) == bible_shards
+    with pytest.raises(DataUnavailableError, match="prepare_token_shards"):
+        TokenShards.load(tmp_path)
+
+
+# Batches
+
+
+def test_train_batch_shape_and_windows(bible_shards):
+    batches = TokenBatches(bible_shards, seq_len=64, seed=3)
+    train = np.asarray(bible_shards.tokens("train"), dtype=np.int64)
+
+    batch = batches.train_batch(step=5, batch_size=16)
+
+    assert batch.shape == (16, 65)
+    assert batch.dtype == torch.int64
+    for row in batch.numpy():
+        starts = np.flatnonzero(train[: len(train) - 64] == row[0])
+        assert any(np.array_equal(train[start : start + 65], row) for start in starts)
+
+
+def test_train_batch_is_deterministic(bible_shards):
+    batches = TokenBatches(bible_shards, seq_len=64, seed=3)
+    resumed = TokenBatches(bible_shards, seq_len=64, seed=3)
+    other_seed = TokenBatches(bible_shards, seq_len=64, seed=4)
+
+    batch = batches.train_batch(step=7, batch_size=8)
+
+    assert torch.equal(batch, resumed.train_batch(step=7, batch_size=8))
+    assert not torch.equal(batch, batches.train_batch(step=8, batch_size=8))
+    assert not torch.equal(batch, other_seed.train_batch(step=7, batch_size=8))
+
+
+def test_val_batches_cover_validation_in_order(bible_shards):
+    batches = TokenBatches(bible_shards, seq_len=64, seed=0)
+    validation = np.asarray(bible_shards.tokens("validation"), dtype=np.int64)
+
+    chunks = list(batches.val_batches(batch_size=100))
+
+    assert batches.val_windows == (65536 - 1) // 64
+    assert [len(chunk) for chunk in chunks] == [100] * 10 + [23]
+    windows = torch.cat(chunks).numpy()
+    assert windows.shape == (1023, 65)
+    targets = windows[:, 1:].reshape(-1)
+    np.testing.assert_array_equal(targets, validation[1 : 1 + 1023 * 64])
+    np.testing.assert_array_equal(windows[0], validation[:65])
+
+
+def test_token_batches_reject_long_windows(bible_shards):
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenBatches(bible_shards, seq_len=70_000, seed=0)

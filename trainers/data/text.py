@@ -1,0 +1,788 @@
+"""Text corpora for the language-model workloads, tokenized into memory-mapped shards.
+
+A `TextSource` yields documents (plain strings) for the train or validation split.
+`prepare_token_shards` tokenizes a source once and caches the token ids as flat
+arrays, and `TokenBatches` samples training windows from them and walks the fixed
+validation windows.
+
+Documents are packed: each document is followed by an EOS token and the results are
+concatenated. Packing wastes nothing on padding and makes every position a real
+next-token target, whereas truncating documents to seq_len would drop their tails and
+pad the short ones.
+
+Sources without their own validation split (bible, files, openwebtext_hub) hold out
+every `HELD_OUT_EVERY`-th document, counted from 0 in source order. The held-out
+documents are spread over the whole corpus, so validation text is not one region of
+it (such as the last books of the Bible).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from trainers.data.errors import DataUnavailableError
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["bible", "files", "c4_local", "c4_hub", "openwebtext_hub"]
+Split = Literal["train", "validation"]
+
+# Document i goes to validation when i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1. With
+# 10, the Bible's 118 validation chapters contain 100,738 tokens of the 4096-token
+# BPE, enough for a fixed validation set of 65,536 tokens.
+HELD_OUT_EVERY = 10
+
+BIBLE_RANGE = "Gen1:1-Rev22:21"
+BPE_EOS_TOKEN = "<|endoftext|>"
+# The BPE merges are learned from at most this many characters of the training split,
+# which bounds the training time on the streaming sources. Smaller corpora are used
+# whole (the King James Bible has about 4.4 million characters).
+BPE_TRAINING_MAX_CHARS = 100_000_000
+# The model's embedding table is padded to a multiple of this many rows
+# (GPT-2: 50257 tokens become 50304 rows, T5: 32100 become 32128).
+EMBEDDING_ROWS_MULTIPLE = 64
+ENCODE_BATCH_DOCUMENTS = 1024
+# Bump when the shard layout or the tokenization changes, so that old caches are
+# not reused.
+CACHE_FORMAT_VERSION = 1
+
+_SPLIT_FILES = {"train": "train.bin", "validation": "val.bin"}
+# A line of `bible -f` output such as "1Cor13:4 Charity suffereth long, ...". The
+# chapter group is the book and chapter ("1Cor13").
+_VERSE_LINE = re.compile(r"^(?P<chapter>[1-3]?[A-Za-z]+\d+):\d+ (?P<text>.*)$")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text corpus and how to read it.
+
+    ``paths`` are files or glob patterns for "files" and directories that contain
+    ``c4-train.*.json.gz`` and ``c4-validation.*.json.gz`` shards for "c4_local".
+    Other kinds ignore them. ``max_documents`` caps the documents read from each
+    split.
+    """
+
+    kind: SourceKind
+    paths: tuple[str, ...] = ()
+    max_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in {"bible", "files", "c4_local", "c4_hub", "openwebtext_hub"}:
+            raise ValueError(f"unknown text source kind {self.kind!r}")
+        if isinstance(self.paths, (str, os.PathLike)):
+            raise TypeError(
+                f"TextSource.paths must be a sequence of paths, got {self.paths!r}"
+            )
+        object.__setattr__(self, "paths", tuple(str(path) for path in self.paths))
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(
+                f"max_documents must be at least 1 or None, got {self.max_documents}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A tokenizer: a byte-level BPE trained on the source, or a pretrained one.
+
+    ``vocab_size`` applies to "bpe" only and counts the EOS token. ``name_or_path``
+    is required for "pretrained" and is passed to
+    ``transformers.AutoTokenizer.from_pretrained`` (a hub name or a local directory).
+    """
+
+    kind: Literal["bpe", "pretrained"]
+    vocab_size: int = 4096
+    name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "bpe":
+            # 256 byte tokens plus EOS is the smallest byte-level vocabulary.
+            if self.vocab_size < 257:
+                raise ValueError(
+                    f"bpe vocab_size must be at least 257, got {self.vocab_size}"
+                )
+        elif self.kind == "pretrained":
+            if not self.name_or_path:
+                raise ValueError("a pretrained tokenizer needs name_or_path")
+        else:
+            raise ValueError(f"unknown tokenizer kind {self.kind!r}")
+
+
+# Sources
+
+
+def iter_documents(source: TextSource, split: Split) -> Iterator[str]:
+    """Yield the documents of one split of ``source``, in a fixed order.
+
+    bible: one document per chapter, verses joined by newlines and without their
+    references. files: one document per block of lines separated by a blank line,
+    files in the order of ``paths`` (glob matches sorted). c4_local and c4_hub: the
+    "text" field of each record of the C4 "en" split. openwebtext_hub: the "text"
+    field of each record of the only (train) split. Sources without a validation
+    split hold out every `HELD_OUT_EVERY`-th document (see the module docstring).
+
+    The first ``next()`` raises DataUnavailableError when the data is missing, and
+    the message names the fix.
+    """
+    if split not in _SPLIT_FILES:
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    if source.kind == "bible":
+        documents = _select_split(_bible_chapters(), split)
+    elif source.kind == "files":
+        documents = _select_split(_file_paragraphs(source.paths), split)
+    elif source.kind == "c4_local":
+        documents = _c4_local_documents(source.paths, split)
+    elif source.kind == "c4_hub":
+        documents = _hub_texts("allenai/c4", "en", split)
+    else:
+        documents = _select_split(
+            _hub_texts("Skylion007/openwebtext", None, "train"), split
+        )
+    return itertools.islice(documents, source.max_documents)
+
+
+def _select_split(documents: Iterable[str], split: Split) -> Iterator[str]:
+    want_held_out = split == "validation"
+    for index, document in enumerate(documents):
+        held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+        if held_out == want_held_out:
+            yield document
+
+
+def _read_bible_text() -> str:
+    """Run ``bible -f`` over the whole King James Bible and return its output."""
+    command = shutil.which("bible")
+    if command is None:
+        raise DataUnavailableError(
+            "the `bible` command was not found on PATH. Install it with "
+            "`apt-get install bible-kjv`, or use the files source with `text_files`."
+        )
+    result = subprocess.run(
+        [command, "-f", BIBLE_RANGE], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0 or not result.stdout.strip():
+        raise DataUnavailableError(
+            f"`{command} -f {BIBLE_RANGE}` failed with exit status {result.returncode}"
+            f" and printed no verses ({result.stderr.strip()!r}). Reinstall it with "
+            "`apt-get install --reinstall bible-kjv bible-kjv-text`."
+        )
+    return result.stdout
+
+
+def _bible_chapters() -> Iterator[str]:
+    chapter = None
+    verses: list[str] = []
+    for line in _read_bible_text().splitlines():
+        match = _VERSE_LINE.match(line)
+        if match is None:
+            # A line without a reference continues the previous verse.
+            if line.strip() and verses:
+                verses[-1] = f"{verses[-1]} {line.strip()}"
+            continue
+        if match["chapter"] != chapter and verses:
+            yield "\n".join(verses)
+            verses = []
+        chapter = match["chapter"]
+        verses.append(match["text"].strip())
+    if verses:
+        yield "\n".join(verses)
+
+
+def _expand_text_files(patterns: tuple[str, ...]) -> list[Path]:
+    """Return the files named by ``patterns`` in order, without duplicates."""
+    if not patterns:
+        raise DataUnavailableError(
+            "the files source has no paths. Set `text_files` to text files or glob "
+            "patterns such as 'corpus/*.txt'."
+        )
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if _GLOB_CHARACTERS.intersection(expanded):
+            matches = [
+                Path(match)
+                for match in sorted(glob.glob(expanded, recursive=True))
+                if Path(match).is_file()
+            ]
+            if not matches:
+                raise DataUnavailableError(
+                    f"no files match {pattern!r}. Set `text_files` to existing text "
+                    "files or glob patterns."
+                )
+        else:
+            path = Path(expanded)
+            if path.is_dir():
+                raise DataUnavailableError(
+                    f"{pattern!r} is a directory. Set `text_files` to files or a glob "
+                    f"pattern such as '{os.path.join(pattern, '*.txt')}'."
+                )
+            if not path.is_file():
+                raise DataUnavailableError(
+                    f"text file {pattern!r} not found. Set `text_files` to existing "
+                    "text files or glob patterns."
+                )
+            matches = [path]
+        for match in matches:
+            files.setdefault(match.resolve(), None)
+    return list(files)
+
+
+def _file_paragraphs(patterns: tuple[str, ...]) -> Iterator[str]:
+    for path in _expand_text_files(patterns):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"text file {path} is not valid UTF-8: {error}") from error
+        for block in _PARAGRAPH_BREAK.split(text):
+            block = block.strip()
+            if block:
+                yield block
+
+
+def _find_c4_shards(directories: tuple[str, ...], split: Split) -> list[Path]:
+    """Return the ``c4-<split>.*.json.gz`` files under ``directories``, sorted."""
+    fix = (
+        "Pass the directory that contains the allenai/c4 'en' shards "
+        "(c4-train.00000-of-01024.json.gz, ..., c4-validation.*.json.gz) "
+        "with --data-dir."
+    )
+    if not directories:
+        raise DataUnavailableError(f"the c4_local source has no directory. {fix}")
+    shards: set[Path] = set()
+    for directory in directories:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            raise DataUnavailableError(f"C4 directory {directory!r} not found. {fix}")
+        shards.update(root.rglob(f"c4-{split}.*.json.gz"))
+    if not shards:
+        raise DataUnavailableError(
+            f"no c4-{split}.*.json.gz shards found under {', '.join(directories)}. {fix}"
+        )
+    return sorted(shards, key=lambda path: (path.name, str(path)))
+
+
+def _c4_local_documents(directories: tuple[str, ...], split: Split) -> Iterator[str]:
+    for shard in _find_c4_shards(directories, split):
+        with gzip.open(shard, "rt", encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ValueError(
+                        f"{shard}:{line_number} is not a JSON object with a 'text' "
+                        f"field: {error}"
+                    ) from error
+
+
+def _hub_texts(name: str, config: str | None, split: str) -> Iterator[str]:
+    # NOTE: the hub sources have only been run offline, where they raise
+    # DataUnavailableError. Streaming allenai/c4 and Skylion007/openwebtext with
+    # datasets 5.2 is untested.
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+    except OSError as error:
+        # Offline, datasets 5.2 raises ConnectionError, a subclass of OSError.
+        raise DataUnavailableError(
+            f"could not reach the Hugging Face Hub dataset {name!r} ({error}). Check "
+            "network access, or use a local source: c4_local with the C4 shards "
+            "passed as --data-dir, or files with `text_files`."
+        ) from error
+    for record in dataset:
+        yield record["text"]
+
+
+# Tokenizers
+
+
+@dataclass
+class _Encoder:
+    encode_batch: Callable[[list[str]], list[list[int]]]
+    vocab_size: int
+    eos_id: int
+
+
+def _train_bpe(spec: TokenizerSpec, source: TextSource, directory: Path) -> _Encoder:
+    """Train a byte-level BPE on the training split and save it as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=[BPE_EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = _limit_characters(iter_documents(source, "train"), BPE_TRAINING_MAX_CHARS)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
+
+    return _Encoder(
+        encode_batch=encode_batch,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eos_id=tokenizer.token_to_id(BPE_EOS_TOKEN),
+    )
+
+
+def _limit_characters(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        if total >= max_chars:
+            return
+        total += len(text)
+        yield text
+
+
+def _load_pretrained(spec: TokenizerSpec) -> _Encoder:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path)
+    except OSError as error:
+        raise DataUnavailableError(
+            f"could not load the tokenizer {spec.name_or_path!r} ({error}). Set "
+            "name_or_path to a local directory that contains tokenizer.json (saved "
+            "with save_pretrained), or allow access to the Hugging Face Hub."
+        ) from error
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(
+            f"tokenizer {spec.name_or_path!r} has no EOS token, which packing needs "
+            "between documents"
+        )
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+
+        def encode_batch(texts: list[str]) -> list[list[int]]:
+            encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+            return [encoding.ids for encoding in encodings]
+
+    else:
+
+        def encode_batch(texts: list[str]) -> list[list[int]]:
+            return tokenizer(
+                texts, add_special_tokens=False, return_attention_mask=False
+            )["input_ids"]
+
+    return _Encoder(encode_batch=encode_batch, vocab_size=len(tokenizer), eos_id=eos_id)
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Round ``vocab_size`` up to the number of embedding rows the model allocates."""
+    return -(-vocab_size // EMBEDDING_ROWS_MULTIPLE) * EMBEDDING_ROWS_MULTIPLE
+
+
+def token_dtype(vocab_size: int) -> str:
+    """Return the smallest unsigned dtype that can store every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# Shards
+
+
+@dataclass
+class TokenShards:
+    """Packed token ids of both splits in ``directory``, one flat array per split."""
+
+    directory: Path
+    vocab_size: int
+    model_vocab_size: int
+    dtype: str
+    train_tokens: int
+    val_tokens: int
+    eos_id: int
+
+    def tokens(self, split: Split) -> np.memmap:
+        """Map one split's token ids read-only."""
+        if split not in _SPLIT_FILES:
+            raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+        count = self.train_tokens if split == "train" else self.val_tokens
+        path = self.directory / _SPLIT_FILES[split]
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=(count,))
+
+    @classmethod
+    def load(cls, directory: Path | str) -> TokenShards:
+        """Read the shards that `prepare_token_shards` wrote to ``directory``."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise DataUnavailableError(
+                f"no token shards in {directory} (meta.json not found). Build them "
+                "with prepare_token_shards."
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != CACHE_FORMAT_VERSION:
+            raise ValueError(
+                f"token shards in {directory} have format version "
+                f"{meta.get('format_version')}, expected {CACHE_FORMAT_VERSION}. "
+                "Delete the directory and prepare them again."
+            )
+        return cls(
+            directory=directory,
+            vocab_size=meta["vocab_size"],
+            model_vocab_size=meta["model_vocab_size"],
+            dtype=meta["dtype"],
+            train_tokens=meta["train_tokens"],
+            val_tokens=meta["val_tokens"],
+            eos_id=meta["eos_id"],
+        )
+
+
+def prepare_token_shards(
+    source: TextSource,
+    tokenizer: TokenizerSpec,
+    cache_root: Path,
+    *,
+    seq_len: int,
+    val_tokens: int | None = None,
+    max_train_tokens: int | None = None,
+) -> TokenShards:
+    """Tokenize ``source`` into packed shards under ``cache_root``, or reuse the cache.
+
+    The cache directory is named by a hash of the source (including a fingerprint of
+    the Bible text or the sizes and modification times of the input files), the
+    tokenizer spec (including the local tokenizer files), ``val_tokens`` and
+    ``max_train_tokens``. ``seq_len`` is not part of the key because the shards do not
+    depend on it. It only has to fit: each split needs at least ``seq_len + 1``
+    tokens. ``val_tokens`` fixes the validation split to exactly that many tokens,
+    and ``max_train_tokens`` truncates the training split.
+
+    The shards are built in a temporary directory under ``cache_root`` and renamed
+    into place, and an exclusive lock on ``cache_root/.<name>.lock`` makes
+    concurrent callers wait for one build instead of repeating it. A ``.tmp-*``
+    directory left by a killed build can be deleted.
+
+    Raises DataUnavailableError when the data is missing or too short.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+    for name, value in (
+        ("val_tokens", val_tokens),
+        ("max_train_tokens", max_train_tokens),
+    ):
+        if value is not None and value < seq_len + 1:
+            raise ValueError(
+                f"{name}={value} is shorter than one window of seq_len + 1 = "
+                f"{seq_len + 1} tokens"
+            )
+    # An absolute directory stays valid in Ray Tune trials, which change the working
+    # directory.
+    cache_root = Path(cache_root).absolute()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(source, tokenizer, val_tokens, max_train_tokens)
+    directory = cache_root / f"{source.kind}-{tokenizer.kind}-{key[:20]}"
+
+    with _exclusive_lock(cache_root / f".{directory.name}.lock"):
+        if (directory / "meta.json").is_file():
+            logger.info("reusing token shards in %s", directory)
+        else:
+            _build_shards(
+                source, tokenizer, cache_root, directory, val_tokens, max_train_tokens
+            )
+
+    shards = TokenShards.load(directory)
+    for split, count in (
+        ("train", shards.train_tokens),
+        ("validation", shards.val_tokens),
+    ):
+        if count < seq_len + 1:
+            raise DataUnavailableError(
+                f"the {split} split of {source.kind} has {count} tokens, fewer than one "
+                f"window of seq_len + 1 = {seq_len + 1}. Use more text or a shorter "
+                "seq_len."
+            )
+    return shards
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cache_key(
+    source: TextSource,
+    tokenizer: TokenizerSpec,
+    val_tokens: int | None,
+    max_train_tokens: int | None,
+) -> str:
+    description = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "held_out_every": HELD_OUT_EVERY,
+        "source": {
+            "kind": source.kind,
+            "paths": list(source.paths),
+            "max_documents": source.max_documents,
+            "fingerprint": _source_fingerprint(source),
+        },
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size if tokenizer.kind == "bpe" else None,
+            "bpe_training_max_chars": BPE_TRAINING_MAX_CHARS,
+            "name_or_path": tokenizer.name_or_path,
+            "fingerprint": _tokenizer_fingerprint(tokenizer),
+        },
+        "val_tokens": val_tokens,
+        "max_train_tokens": max_train_tokens,
+    }
+    encoded = json.dumps(description, sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    stats = []
+    for path in paths:
+        status = path.stat()
+        stats.append((str(path.resolve()), status.st_size, status.st_mtime_ns))
+    return stats
+
+
+def _source_fingerprint(source: TextSource) -> object:
+    if source.kind == "bible":
+        return hashlib.sha256(_read_bible_text().encode()).hexdigest()
+    if source.kind == "files":
+        return _file_stats(_expand_text_files(source.paths))
+    if source.kind == "c4_local":
+        shards = _find_c4_shards(source.paths, "train")
+        shards += _find_c4_shards(source.paths, "validation")
+        return _file_stats(shards)
+    # Hub datasets are identified by their name.
+    return None
+
+
+def _tokenizer_fingerprint(spec: TokenizerSpec) -> object:
+    if spec.kind != "pretrained" or not Path(spec.name_or_path).exists():
+        return None
+    root = Path(spec.name_or_path)
+    files = (
+        [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    )
+    return _file_stats(files)
+
+
+def _build_shards(
+    source: TextSource,
+    spec: TokenizerSpec,
+    cache_root: Path,
+    directory: Path,
+    val_tokens: int | None,
+    max_train_tokens: int | None,
+) -> None:
+    started = time.perf_counter()
+    logger.info("building token shards for %s with %s in %s", source, spec, directory)
+    build_directory = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_root))
+    try:
+        if spec.kind == "bpe":
+            encoder = _train_bpe(spec, source, build_directory)
+        else:
+            encoder = _load_pretrained(spec)
+        dtype = token_dtype(encoder.vocab_size)
+        train_count = _write_tokens(
+            encoder,
+            iter_documents(source, "train"),
+            build_directory / _SPLIT_FILES["train"],
+            dtype,
+            max_train_tokens,
+        )
+        val_count = _write_tokens(
+            encoder,
+            iter_documents(source, "validation"),
+            build_directory / _SPLIT_FILES["validation"],
+            dtype,
+            val_tokens,
+        )
+        for split, count in (("train", train_count), ("validation", val_count)):
+            if count == 0:
+                raise DataUnavailableError(
+                    f"the {split} split of {source.kind} contains no text. Check the "
+                    "source paths and max_documents."
+                )
+        if val_tokens is not None and val_count < val_tokens:
+            raise DataUnavailableError(
+                f"val_tokens={val_tokens} requested, but the validation split of "
+                f"{source.kind} has only {val_count} tokens. Lower val_tokens or add "
+                "text."
+            )
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "vocab_size": encoder.vocab_size,
+            "model_vocab_size": padded_vocab_size(encoder.vocab_size),
+            "dtype": dtype,
+            "train_tokens": train_count,
+            "val_tokens": val_count,
+            "eos_id": encoder.eos_id,
+            "source": {
+                "kind": source.kind,
+                "paths": list(source.paths),
+                "max_documents": source.max_documents,
+            },
+            "tokenizer": {
+                "kind": spec.kind,
+                "vocab_size": spec.vocab_size,
+                "name_or_path": spec.name_or_path,
+            },
+            "requested_val_tokens": val_tokens,
+            "max_train_tokens": max_train_tokens,
+        }
+        (build_directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(build_directory, directory)
+        except OSError:
+            # Another process finished first although the lock should prevent that
+            # (flock may not be enforced on network filesystems). Its shards are
+            # equally valid.
+            if not (directory / "meta.json").is_file():
+                raise
+            shutil.rmtree(build_directory)
+    except BaseException:
+        shutil.rmtree(build_directory, ignore_errors=True)
+        raise
+    logger.info(
+        "built token shards in %s: %d train and %d validation tokens in %.1f s",
+        directory,
+        train_count,
+        val_count,
+        time.perf_counter() - started,
+    )
+
+
+def _write_tokens(
+    encoder: _Encoder,
+    documents: Iterable[str],
+    path: Path,
+    dtype: str,
+    max_tokens: int | None,
+) -> int:
+    """Append each document's ids and an EOS to ``path``. Return the token count.
+
+    Stops reading documents once ``max_tokens`` are written, so a streaming source is
+    read only as far as needed.
+    """
+    written = 0
+    eos = np.array([encoder.eos_id], dtype=np.int64)
+    documents = iter(documents)
+    with open(path, "wb") as output:
+        while max_tokens is None or written < max_tokens:
+            batch = list(itertools.islice(documents, ENCODE_BATCH_DOCUMENTS))
+            if not batch:
+                break
+            pieces = []
+            for ids in encoder.encode_batch(batch):
+                if ids:
+                    pieces.append(np.asarray(ids, dtype=np.int64))
+                    pieces.append(eos)
+            if not pieces:
+                continue
+            chunk = np.concatenate(pieces)
+            if chunk.min() < 0 or chunk.max() >= encoder.vocab_size:
+                raise ValueError(
+                    f"the tokenizer returned ids outside 0..{encoder.vocab_size - 1}"
+                )
+            if max_tokens is not None:
+                chunk = chunk[: max_tokens - written]
+            output.write(chunk.astype(dtype).tobytes())
+            written += len(chunk)
+    return written
+
+
+# Batches
+
+
+class TokenBatches:
+    """Training and validation windows of ``seq_len + 1`` tokens from packed shards.
+
+    Row ``w`` of a batch is the input ``w[:-1]`` and its next-token targets ``w[1:]``.
+    """
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.shards = shards
+        self.seq_len = seq_len
+        self.seed = seed
+        self._train = shards.tokens("train")
+        self._validation = shards.tokens("validation")
+        for split, tokens in (("train", self._train), ("validation", self._validation)):
+            if len(tokens) < seq_len + 1:
+                raise ValueError(
+                    f"the {split} split has {len(tokens)} tokens, fewer than one "
+                    f"window of seq_len + 1 = {seq_len + 1}"
+                )
+        self._window_offsets = np.arange(seq_len + 1)
+
+    def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """Return ``batch_size`` random training windows, shape [batch_size, seq_len + 1].
+
+        The window starts come from a generator seeded by (seed, step), so the batch is
+        a pure function of (seed, step, batch_size) and a resumed run gets the same
+        batches as an uninterrupted one.
+        """
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        generator = np.random.default_rng((self.seed, step))
+        max_start = len(self._train) - (self.seq_len + 1)
+        starts = generator.integers(0, max_start, size=batch_size, endpoint=True)
+        windows = self._train[starts[:, None] + self._window_offsets]
+        return torch.from_numpy(np.asarray(windows, dtype=np.int64))
+
+    @property
+    def val_windows(self) -> int:
+        """Number of validation windows.
+
+        Window i starts at token i * seq_len, so consecutive windows share one token
+        and every validation token after the first is a target at most once. Only
+        the tail after the last whole window, fewer than seq_len tokens, is unused.
+        """
+        return (len(self._validation) - 1) // self.seq_len
+
+    def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Yield the validation windows in order, ``batch_size`` at a time.
+
+        The last batch is smaller when ``val_windows`` is not a multiple of
+        ``batch_size``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        total = self.val_windows
+        for first in range(0, total, batch_size):
+            count = min(batch_size, total - first)
+            starts = (first + np.arange(count)) * self.seq_len
+            windows = self._validation[starts[:, None] + self._window_offsets]
+            yield torch.from_numpy(np.asarray(windows, dtype=np.int64))
