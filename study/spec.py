@@ -1,0 +1,217 @@
+"""Study files: the schema, loading and validation, all before Ray starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers.schedules import SCHEDULES
+
+SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SCALES = ("smoke", "cpu", "paper")
+
+
+class StudyFileError(ValueError):
+    """A study file or CLI value that cannot run; the message names the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grid(Strict):
+    """Axes of the grid; every combination is one trial."""
+
+    batch_size: list[int] = Field(min_length=1)
+    """Examples (sequences or images) per optimizer step."""
+
+    power: list[float] = Field(min_length=1)
+    """GradPower exponents; must contain 1.0, the Adam baseline."""
+
+    lr_max: list[float] | dict[int, list[float]] = Field(min_length=1)
+    """Peak learning rates: one list for every batch size, or a list per batch size."""
+
+    seed: list[int] = Field(default=[0], min_length=1)
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> Grid:
+        for value in self.batch_size:
+            if value <= 0:
+                raise ValueError(
+                    f"batch_size {value} is invalid; use a positive whole number"
+                )
+        for value in self.power:
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"power {value} is invalid; use a finite number > 0 "
+                    "(1.0 is plain Adam, the paper's default is 1.2)"
+                )
+        if 1.0 not in self.power:
+            raise ValueError(
+                f"power {self.power} lacks 1.0; add 1.0, the Adam baseline that "
+                "every other power is compared with"
+            )
+        for rates in self.lr_by_batch_size().values():
+            for value in rates:
+                if not math.isfinite(value) or value <= 0:
+                    raise ValueError(f"lr_max {value} is invalid; use a number > 0")
+        if isinstance(self.lr_max, dict):
+            missing = sorted(set(self.batch_size) - set(self.lr_max))
+            if missing:
+                raise ValueError(
+                    f"lr_max has no learning rates for batch sizes {missing}; "
+                    "add an entry for each batch size or give one list for all"
+                )
+        return self
+
+    def lr_by_batch_size(self) -> dict[int, list[float]]:
+        if isinstance(self.lr_max, dict):
+            return {bs: list(self.lr_max[bs]) for bs in self.batch_size if bs in self.lr_max}
+        return {bs: list(self.lr_max) for bs in self.batch_size}
+
+    def size(self) -> int:
+        lrs = self.lr_by_batch_size()
+        return sum(len(lrs[bs]) for bs in self.batch_size) * len(self.power) * len(self.seed)
+
+
+class Training(Strict):
+    """Fixed hyperparameters shared by every trial of one workload."""
+
+    optimizer: Literal["adampower"] = "adampower"
+    schedule: str = "cos"
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_min_ratio: float = Field(default=0.1, ge=0, le=1)
+    """lr_min as a fraction of lr_max."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    clip_norm: float | None = Field(default=1.0, gt=0)
+    micro_batch_size: int | None = Field(default=None, gt=0)
+    """Examples per forward pass; must divide every batch size of the grid."""
+    log_every_steps: int = Field(default=1, ge=1)
+    device: str = "auto"
+    inject_nan_loss_at_step: int | None = Field(default=None, ge=0)
+    """Fault injection for tests: NaN training loss at this step."""
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> Training:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"
+            )
+        return self
+
+
+class Target(Strict):
+    """When a trial counts as reached."""
+
+    metric: str = "val/loss"
+    value: float
+    mode: Literal["min", "max"] = "min"
+
+
+class Budget(Strict):
+    steps: int = Field(gt=0)
+    """Optimizer steps after which an unfinished trial ends as censored."""
+
+
+class Resources(Strict):
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+
+
+class WorkloadStudy(Strict):
+    """One workload's part of a scale: its grid, fixed settings and target."""
+
+    workload: Literal["lm", "vision"] | None = None
+    """Workload type; defaults to this entry's key in `workloads`."""
+    model: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    grid: Grid
+    train: Training = Training()
+    target: Target
+    budget: Budget
+    eval_every_steps: int = Field(default=10, ge=1)
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _check_micro_batch(self) -> WorkloadStudy:
+        micro = self.train.micro_batch_size
+        if micro is not None:
+            bad = [bs for bs in self.grid.batch_size if bs % micro != 0]
+            if bad:
+                raise ValueError(
+                    f"micro_batch_size {micro} does not divide batch sizes {bad}; "
+                    "choose a micro-batch size that divides every batch size"
+                )
+        if self.train.warmup_steps > self.budget.steps:
+            raise ValueError(
+                f"warmup_steps {self.train.warmup_steps} exceeds the step budget "
+                f"{self.budget.steps}; lower warmup_steps or raise budget.steps"
+            )
+        return self
+
+
+class Scale(Strict):
+    description: str = ""
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    workloads: dict[str, WorkloadStudy] = Field(min_length=1)
+
+
+class StudySpec(Strict):
+    name: str
+    description: str = ""
+    scales: dict[Literal["smoke", "cpu", "paper"], Scale] = Field(min_length=1)
+
+    def scale(self, name: str) -> Scale:
+        if name not in self.scales:
+            raise StudyFileError(
+                f"Study {self.name!r} has no scale {name!r}; "
+                f"choose one of {sorted(self.scales)}"
+            )
+        return self.scales[name]
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"Study file {source} is invalid:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+        elif item["type"] not in ("value_error",):
+            message = f"{message} (got {item.get('input')!r})"
+        lines.append(f"  {location or '<top>'}: {message}")
+    return "\n".join(lines)
+
+
+def available_studies() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
+
+
+def load_study(name_or_path: str) -> StudySpec:
+    """Load a study by name (a file in search_spaces/) or by the path of a YAML file."""
+    path = Path(name_or_path)
+    studies = available_studies()
+    if name_or_path in studies:
+        path = studies[name_or_path]
+    elif not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        raise StudyFileError(
+            f"Unknown study {name_or_path!r}; choose one of {sorted(studies)} "
+            "(see `study list`) or pass the path of a study YAML file"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StudyFileError(f"Study file {path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise StudyFileError(f"Study file {path} must contain a mapping at the top")
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as error:
+        raise StudyFileError(_format_validation_error(str(path), error)) from None
