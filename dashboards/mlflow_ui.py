@@ -43,7 +43,9 @@ def start_ui(workspace: Workspace, host: str, port: int) -> subprocess.Popen:
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     process.terminate()
-    raise RuntimeError(f"mlflow ui did not answer on {url} within {STARTUP_TIMEOUT_SEC} s")
+    raise RuntimeError(
+        f"mlflow ui did not answer on {url} within {STARTUP_TIMEOUT_SEC} s"
+    )
 
 
 def stop_ui(process: subprocess.Popen) -> None:

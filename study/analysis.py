@@ -90,9 +90,13 @@ def _trial_rows(study: optuna.Study, label: str, workload: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
-def load_runs(storage: str, study: str, scale: str, run_id: str | None = None) -> list[RecordedRun]:
+def load_runs(
+    storage: str, study: str, scale: str, run_id: str | None = None
+) -> list[RecordedRun]:
     """Read every workload of one study run (the latest one unless `run_id` is set)."""
-    summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+    summaries = optuna.get_all_study_summaries(
+        storage=storage, include_best_trial=False
+    )
     matching = [
         s
         for s in summaries
@@ -160,11 +164,15 @@ def analyze_run(run: RecordedRun) -> PowerAnalysis:
     if len(excluded):
         notes.append(
             f"{len(excluded)} trial(s) excluded: "
-            + ", ".join(f"{k} ({s})" for k, s in zip(excluded.trial_key, excluded.end_state))
+            + ", ".join(
+                f"{k} ({s})" for k, s in zip(excluded.trial_key, excluded.end_state)
+            )
         )
     censored = int((trials.end_state == "censored").sum())
     if censored:
-        notes.append(f"{censored} trial(s) censored at the budget of {run.budget_steps} steps")
+        notes.append(
+            f"{censored} trial(s) censored at the budget of {run.budget_steps} steps"
+        )
 
     by_lr = (
         trials.groupby(["batch_size", "power", "lr_max"])[
@@ -179,8 +187,14 @@ def analyze_run(run: RecordedRun) -> PowerAnalysis:
         if len(reached):
             best_row = reached.sort_values(["steps", "val_loss"]).iloc[0]
             cells.append(
-                (batch_size, power, best_row.steps, best_row.val_loss, "reached",
-                 best_row.lr_max)
+                (
+                    batch_size,
+                    power,
+                    best_row.steps,
+                    best_row.val_loss,
+                    "reached",
+                    best_row.lr_max,
+                )
             )
         else:
             censored_cell = (group.state == "censored").any()

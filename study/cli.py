@@ -36,7 +36,9 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_study_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="study name from `study list`, or a study YAML path")
+    parser.add_argument(
+        "name", help="study name from `study list`, or a study YAML path"
+    )
     parser.add_argument(
         "--scale",
         default="cpu",
@@ -77,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run one grid point in this process, without Ray or recording"
     )
     _add_study_options(train)
-    train.add_argument("--workload", help="workload entry of the study (default: the first)")
+    train.add_argument(
+        "--workload", help="workload entry of the study (default: the first)"
+    )
     train.add_argument("--batch-size", type=int, help="default: the grid's first value")
     train.add_argument("--power", type=float, help="default: the grid's first value")
     train.add_argument("--lr-max", type=float, help="default: the grid's first value")
@@ -92,13 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--run-id", help="recorded run to read (default: the latest)")
 
     export = commands.add_parser(
-        "export-table", help="write the batch size x power tables under WORKSPACE/exports"
+        "export-table",
+        help="write the batch size x power tables under WORKSPACE/exports",
     )
     _add_study_options(export)
     _add_store_options(export)
     export.add_argument("--run-id", help="recorded run to read (default: the latest)")
 
-    ui = commands.add_parser("ui", help="serve the MLflow UI for a workspace on 127.0.0.1")
+    ui = commands.add_parser(
+        "ui", help="serve the MLflow UI for a workspace on 127.0.0.1"
+    )
     _add_store_options(ui)
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
@@ -112,7 +119,9 @@ def command_list(args: argparse.Namespace) -> int:
         for scale_name, scale in spec.scales.items():
             trials = sum(entry.grid.size() for entry in scale.workloads.values())
             workloads = ", ".join(scale.workloads)
-            print(f"  {scale_name:6s} {trials:4d} trials  ({workloads}) {scale.description}")
+            print(
+                f"  {scale_name:6s} {trials:4d} trials  ({workloads}) {scale.description}"
+            )
     return 0
 
 
@@ -128,17 +137,28 @@ def _print_analyses(analyses) -> None:
         print(to_markdown(power_table(analysis)), end="")
         print(analysis.fit.describe() if analysis.fit else "no trend fit")
         if analysis.fit:
-            print(f"slope of best p per doubling of batch size: {analysis.fit.slope:+.3f}")
+            print(
+                f"slope of best p per doubling of batch size: {analysis.fit.slope:+.3f}"
+            )
         for note in analysis.notes:
             print(f"note: {note}")
 
 
-def _analyze_and_export(workspace: Workspace, study: str, scale: str, run_id, client=None,
-                        parent_run_id=None) -> list:
+def _analyze_and_export(
+    workspace: Workspace,
+    study: str,
+    scale: str,
+    run_id,
+    client=None,
+    parent_run_id=None,
+) -> list:
     from study.analysis import analyze_run, load_runs
     from study.export import export_tables
 
-    analyses = [analyze_run(run) for run in load_runs(workspace.optuna_storage, study, scale, run_id)]
+    analyses = [
+        analyze_run(run)
+        for run in load_runs(workspace.optuna_storage, study, scale, run_id)
+    ]
     _print_analyses(analyses)
     for analysis in analyses:
         paths = export_tables(analysis, workspace.exports)
@@ -147,7 +167,9 @@ def _analyze_and_export(workspace: Workspace, study: str, scale: str, run_id, cl
             for path in paths.values():
                 client.log_artifact(parent_run_id, str(path), "exports")
             if analysis.fit:
-                client.log_metric(parent_run_id, f"fit/{analysis.run.label}/slope", analysis.fit.slope)
+                client.log_metric(
+                    parent_run_id, f"fit/{analysis.run.label}/slope", analysis.fit.slope
+                )
     return analyses
 
 
@@ -181,9 +203,16 @@ def command_run(args: argparse.Namespace) -> int:
 
     client = MlflowClient(tracking_uri=workspace.tracking_uri)
     _analyze_and_export(
-        workspace, spec.name, args.scale, result.run.run_id, client, result.parent_run_id
+        workspace,
+        spec.name,
+        args.scale,
+        result.run.run_id,
+        client,
+        result.parent_run_id,
     )
-    print(f"\nCompare the trials in the MLflow UI: study ui --workspace {workspace.root}")
+    print(
+        f"\nCompare the trials in the MLflow UI: study ui --workspace {workspace.root}"
+    )
     return 0
 
 
@@ -202,8 +231,8 @@ def command_train(args: argparse.Namespace) -> int:
             f"{sorted(scale.workloads)}"
         )
     workspace = Workspace.open(Path.cwd(), data_cache=args.data_cache, create=False)
-    plans = [p for p in expand(scale, prepare_data(spec, args.scale, workspace)) if p.label == label]
-    plan = plans[0]
+    prepared = prepare_data(spec, args.scale, workspace, labels=[label])
+    plan = expand(scale, prepared)[0]
     overrides = {
         "batch_size": args.batch_size,
         "power": args.power,
@@ -216,7 +245,9 @@ def command_train(args: argparse.Namespace) -> int:
     if config.power <= 0:
         raise StudyFileError(f"--power {config.power} is invalid; use a number > 0")
     if config.batch_size <= 0:
-        raise StudyFileError(f"--batch-size {config.batch_size} is invalid; use 1 or more")
+        raise StudyFileError(
+            f"--batch-size {config.batch_size} is invalid; use 1 or more"
+        )
 
     def report(metrics: dict) -> None:
         if "val/loss" in metrics or "end_state" in metrics:
@@ -231,7 +262,9 @@ def command_analyze(args: argparse.Namespace) -> int:
     from study.analysis import analyze_run, load_runs
 
     spec = load_study(args.name)
-    workspace = Workspace.open(args.workspace, args.tracking_uri, args.optuna_storage, create=False)
+    workspace = Workspace.open(
+        args.workspace, args.tracking_uri, args.optuna_storage, create=False
+    )
     runs = load_runs(workspace.optuna_storage, spec.name, args.scale, args.run_id)
     _print_analyses([analyze_run(run) for run in runs])
     return 0
@@ -239,7 +272,9 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 def command_export(args: argparse.Namespace) -> int:
     spec = load_study(args.name)
-    workspace = Workspace.open(args.workspace, args.tracking_uri, args.optuna_storage, create=False)
+    workspace = Workspace.open(
+        args.workspace, args.tracking_uri, args.optuna_storage, create=False
+    )
     _analyze_and_export(workspace, spec.name, args.scale, args.run_id)
     return 0
 

@@ -37,7 +37,9 @@ def power_table(analysis: PowerAnalysis) -> pd.DataFrame:
             cell = match.iloc[0]
             row[f"p={power:g}"] = _cell_text(cell.steps, cell.state, budget)
         best = analysis.best[analysis.best.batch_size == batch_size].iloc[0]
-        row["best_power"] = "" if math.isnan(best.best_power) else f"{best.best_power:g}"
+        row["best_power"] = (
+            "" if math.isnan(best.best_power) else f"{best.best_power:g}"
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

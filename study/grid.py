@@ -52,13 +52,17 @@ def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[Trial
     """All trials of a scale in a fixed order: workload, batch size, lr, power, seed.
 
     `prepared_data` maps each workload label to the data settings that its
-    workload's `prepare` returned.
+    workload's `prepare` returned; workloads missing from it are left out.
     """
     plans: list[TrialPlan] = []
     for label, entry in scale.workloads.items():
+        if label not in prepared_data:
+            continue
         lrs = entry.grid.lr_by_batch_size()
         for batch_size in entry.grid.batch_size:
-            points = itertools.product(lrs[batch_size], entry.grid.power, entry.grid.seed)
+            points = itertools.product(
+                lrs[batch_size], entry.grid.power, entry.grid.seed
+            )
             for lr_max, power, seed in points:
                 params = {
                     "batch_size": batch_size,

@@ -11,7 +11,15 @@ from typing import Any
 
 import torch
 
-LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "optuna", "transformers", "datasets")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "ray",
+    "mlflow",
+    "optuna",
+    "transformers",
+    "datasets",
+)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -123,7 +123,9 @@ class StudyRecorder:
             studies[label] = study
         return studies
 
-    def _distributions(self, label: str) -> dict[str, optuna.distributions.BaseDistribution]:
+    def _distributions(
+        self, label: str
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
         plans = [plan for plan in self.plans.values() if plan.label == label]
         return {
             axis: optuna.distributions.CategoricalDistribution(
@@ -155,7 +157,11 @@ class StudyRecorder:
             self.experiment_id, run_name=run_name, tags=tags
         )
         run_id = mlflow_run.info.run_id
-        logged_params = {**params, "workload": plan.config["workload"], "label": plan.label}
+        logged_params = {
+            **params,
+            "workload": plan.config["workload"],
+            "label": plan.label,
+        }
         for name in ("schedule", "warmup_steps", "step_budget", "weight_decay"):
             logged_params[name] = plan.config[name]
         logged_params["model_preset"] = plan.config["model"].get("preset", "default")
@@ -180,7 +186,9 @@ class StudyRecorder:
         # MLflow caps one batch at 1000 metrics.
         pending = record.pending_metrics
         for start in range(0, len(pending), 1000):
-            self.client.log_batch(record.mlflow_run_id, metrics=pending[start : start + 1000])
+            self.client.log_batch(
+                record.mlflow_run_id, metrics=pending[start : start + 1000]
+            )
         record.pending_metrics = []
 
     def finish(self, key: str, errored: bool, error: str | None = None) -> str:
@@ -211,7 +219,9 @@ class StudyRecorder:
 
         self.client.set_tag(record.mlflow_run_id, "end_state", state)
         if state == "reached":
-            self.client.log_metric(record.mlflow_run_id, "target/steps", summary["steps_to_target"])
+            self.client.log_metric(
+                record.mlflow_run_id, "target/steps", summary["steps_to_target"]
+            )
         status = RunStatus.FAILED if state == "failed" else RunStatus.FINISHED
         self.client.set_terminated(record.mlflow_run_id, RunStatus.to_string(status))
         self._add_optuna_trial(key, state, summary)

@@ -14,11 +14,11 @@ from typing import Any
 # below replace its status tables. Set before Ray is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-import optuna  # noqa: E402
-import ray  # noqa: E402
-from mlflow.entities import RunStatus  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
+import optuna
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray import tune
 
 from study.grid import TrialPlan, expand
 from study.metadata import run_metadata
@@ -90,7 +90,9 @@ class Progress:
             detail = f"{state} at step {result.get('step', '?')}"
         pending = self.total - len(self.done) - len(self.running)
         best = self.best.get((plan.label, params["batch_size"]))
-        best_text = f"best p={best[1]:g} ({best[0]} steps)" if best else "no trial reached"
+        best_text = (
+            f"best p={best[1]:g} ({best[0]} steps)" if best else "no trial reached"
+        )
         logger.info(
             "[%d done, %d running, %d pending] %s: %s; at this batch size %s",
             len(self.done),
@@ -151,10 +153,17 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def prepare_data(spec: StudySpec, scale_name: str, workspace: Workspace) -> dict[str, dict]:
+def prepare_data(
+    spec: StudySpec,
+    scale_name: str,
+    workspace: Workspace,
+    labels: list[str] | None = None,
+) -> dict[str, dict]:
     """Fetch or tokenize each workload's data once, before any trial starts."""
     prepared = {}
     for label, entry in spec.scale(scale_name).workloads.items():
+        if labels is not None and label not in labels:
+            continue
         workload_class = get_workload_class(entry.workload or label)
         logger.info("preparing data for %s (%s)", label, workload_class.name)
         prepared[label] = workload_class.prepare(dict(entry.data), workspace.data_cache)
@@ -268,8 +277,11 @@ def run_study(
         if started_ray:
             ray.shutdown()
 
-    end_states = {key: record.last_result.get("end_state", "failed")
-                  for key, record in recorder.records.items() if record.finished}
+    end_states = {
+        key: record.last_result.get("end_state", "failed")
+        for key, record in recorder.records.items()
+        if record.finished
+    }
     return StudyRun(
         run=run,
         workspace=workspace,

@@ -70,12 +70,18 @@ class Grid(Strict):
 
     def lr_by_batch_size(self) -> dict[int, list[float]]:
         if isinstance(self.lr_max, dict):
-            return {bs: list(self.lr_max[bs]) for bs in self.batch_size if bs in self.lr_max}
+            return {
+                bs: list(self.lr_max[bs]) for bs in self.batch_size if bs in self.lr_max
+            }
         return {bs: list(self.lr_max) for bs in self.batch_size}
 
     def size(self) -> int:
         lrs = self.lr_by_batch_size()
-        return sum(len(lrs[bs]) for bs in self.batch_size) * len(self.power) * len(self.seed)
+        return (
+            sum(len(lrs[bs]) for bs in self.batch_size)
+            * len(self.power)
+            * len(self.seed)
+        )
 
 
 class Training(Strict):

@@ -62,7 +62,7 @@ def test_analysis_planted_trend_slope():
     for index, batch_size in enumerate([8, 16, 32, 64]):
         best = 1.3 - 0.1 * index
         for power in [0.9, 1.0, 1.1, 1.2, 1.3]:
-            steps = 50 + int(round(200 * (power - best) ** 2 * 10))
+            steps = 50 + round(2000 * (power - best) ** 2)
             rows.append(_reached(batch_size, power, steps))
     analysis = analyze_run(_run(rows))
     assert list(analysis.best.best_power) == pytest.approx([1.3, 1.2, 1.1, 1.0])
@@ -124,7 +124,9 @@ def test_analysis_tie_broken_by_validation_loss():
 
 
 def test_export_markdown_and_csv_round_trip(tmp_path):
-    rows = [_reached(bs, p, 10 * bs + int(10 * p)) for bs in (8, 16) for p in (1.0, 1.2)]
+    rows = [
+        _reached(bs, p, 10 * bs + int(10 * p)) for bs in (8, 16) for p in (1.0, 1.2)
+    ]
     analysis = analyze_run(_run(rows))
     paths = export_tables(analysis, tmp_path)
     csv = pd.read_csv(paths["csv"])

@@ -78,7 +78,9 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
 
 def test_cli_unknown_scale_writes_nothing(tmp_path, capsys):
     workspace = tmp_path / "ws"
-    code = main(["run", "batch_power_grid", "--scale", "huge", "--workspace", str(workspace)])
+    code = main(
+        ["run", "batch_power_grid", "--scale", "huge", "--workspace", str(workspace)]
+    )
     assert code == 2
     assert "has no scale 'huge'" in capsys.readouterr().err
     assert not workspace.exists()
@@ -88,7 +90,14 @@ def test_cli_unwritable_workspace_is_rejected(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code = main(
-        ["run", "batch_power_grid", "--scale", "smoke", "--workspace", str(blocker / "ws")]
+        [
+            "run",
+            "batch_power_grid",
+            "--scale",
+            "smoke",
+            "--workspace",
+            str(blocker / "ws"),
+        ]
     )
     assert code == 2
     assert "--workspace" in capsys.readouterr().err

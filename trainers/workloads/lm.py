@@ -25,9 +25,9 @@ from trainers.workloads.base import Workload
 # 49M in the untied embedding and output layer).
 # TODO: the paper's 66M, 0.4B, 1B and 2B presets, checked by parameter count.
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden=32, layers=1, heads=2, ffn=64),
-    "cpu": dict(hidden=64, layers=2, heads=4, ffn=172),
-    "0.2b": dict(hidden=768, layers=16, heads=12, ffn=3072),
+    "tiny": {"hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
+    "cpu": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 172},
+    "0.2b": {"hidden": 768, "layers": 16, "heads": 12, "ffn": 3072},
 }
 
 DEFAULT_DATA: dict[str, Any] = {

@@ -107,9 +107,15 @@ class VisionWorkload(Workload):
         train_x, train_y = load_image_dataset(self.dataset, root, train=True)
         test_x, test_y = load_image_dataset(self.dataset, root, train=False)
         if data["train_examples"]:
-            train_x, train_y = train_x[: data["train_examples"]], train_y[: data["train_examples"]]
+            train_x, train_y = (
+                train_x[: data["train_examples"]],
+                train_y[: data["train_examples"]],
+            )
         if data["eval_examples"]:
-            test_x, test_y = test_x[: data["eval_examples"]], test_y[: data["eval_examples"]]
+            test_x, test_y = (
+                test_x[: data["eval_examples"]],
+                test_y[: data["eval_examples"]],
+            )
         self.mean, self.std = CHANNEL_STATS[self.dataset]
         self.in_channels = train_x.size(1)
         self.batches = ImageBatches(

@@ -1,0 +1,215 @@
+"""Time one optimizer step of AdamPower against fused AdamW on the CPU.
+
+The parameters mimic a small LLaMA-style decoder (tied embedding, attention and
+SwiGLU matrices, norm gains) sized to --params-millions. Every candidate gets the
+same float32 gradients, restored before each timed step because AdamPower
+overwrites them. Candidates run in turn within each repeat, so load from other
+processes spreads over all of them. The table reports the median and the minimum
+over the repeats and the median's ratio to fused AdamW.
+
+Run from the repository root: python benchmarks/power_step.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers import gradpower
+from trainers.gradpower import AdamPower
+
+POWER = 1.2
+HIDDEN = 384
+FFN = 1024
+MAX_VOCAB = 32000
+
+
+def decoder_shapes(params_millions: float) -> list[tuple[int, ...]]:
+    """Return the parameter shapes of a decoder of about ``params_millions`` M."""
+    target = int(params_millions * 1e6)
+    block = [(HIDDEN,), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN)]
+    block += [(HIDDEN, HIDDEN), (HIDDEN,), (FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
+    block_numel = sum(_numel(shape) for shape in block)
+    vocab = min(MAX_VOCAB, max(1000, (target - block_numel) // HIDDEN))
+    layers = max(1, round((target - vocab * HIDDEN) / block_numel))
+    return [(vocab, HIDDEN)] + block * layers + [(HIDDEN,)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class Candidate:
+    """One optimizer under test, with its own parameters and gradients."""
+
+    def __init__(
+        self,
+        name: str,
+        shapes: list[tuple[int, ...]],
+        grads: list[torch.Tensor],
+        build: Callable[[list[torch.nn.Parameter]], Callable[[], None]],
+    ) -> None:
+        self.name = name
+        generator = torch.Generator().manual_seed(0)
+        self.params = [
+            torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
+            for shape in shapes
+        ]
+        for param, grad in zip(self.params, grads):
+            param.grad = grad.clone()
+        self.grads = grads
+        self.step = build(self.params)
+        self.seconds: list[float] = []
+        self.first_step_seconds = 0.0
+
+    def restore_grads(self) -> None:
+        torch._foreach_copy_([param.grad for param in self.params], self.grads)
+
+    def timed_step(self) -> float:
+        self.restore_grads()
+        started = time.perf_counter()
+        self.step()
+        return time.perf_counter() - started
+
+
+def build_adamw(params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    return torch.optim.AdamW(params, fused=True).step
+
+
+def build_adampower(params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    return AdamPower(params, power=POWER, fused=True).step
+
+
+def build_adampower_eager(params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    optimizer = AdamPower(params, power=POWER, fused=True)
+
+    def step() -> None:
+        os.environ[gradpower.COMPILE_ENV_VAR] = "0"
+        try:
+            optimizer.step()
+        finally:
+            os.environ[gradpower.COMPILE_ENV_VAR] = "1"
+
+    return step
+
+
+def build_python_loop(params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(params, fused=True)
+
+    def step() -> None:
+        with torch.no_grad():
+            for param in params:
+                grad = param.grad
+                grad.copy_(grad.sign() * grad.abs().pow(POWER))
+        optimizer.step()
+
+    return step
+
+
+CANDIDATES = {
+    "AdamW fused (baseline)": build_adamw,
+    f"AdamPower p={POWER} (compiled kernel)": build_adampower,
+    f"AdamPower p={POWER} (eager foreach, {gradpower.COMPILE_ENV_VAR}=0)": (
+        build_adampower_eager
+    ),
+    "per-tensor Python loop + AdamW fused": build_python_loop,
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params-millions",
+        type=float,
+        default=20.0,
+        help="number of float32 parameters, in millions (default 20)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=21,
+        help="timed steps per candidate after 2 warm-up steps (default 21)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"Invalid --repeats value: {args.repeats}. Use 1 or more.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault(gradpower.COMPILE_ENV_VAR, "1")
+
+    shapes = decoder_shapes(args.params_millions)
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(shape, generator=generator) * 1e-3 for shape in shapes]
+    numel = sum(grad.numel() for grad in grads)
+    candidates = [
+        Candidate(name, shapes, grads, build) for name, build in CANDIDATES.items()
+    ]
+
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"parameters: {numel / 1e6:.2f}M float32 in {len(shapes)} tensors")
+    print(f"repeats: {args.repeats} after 2 warm-up steps\n")
+
+    for candidate in candidates:
+        candidate.first_step_seconds = candidate.timed_step()
+        candidate.timed_step()
+    for _ in range(args.repeats):
+        for candidate in candidates:
+            candidate.seconds.append(candidate.timed_step())
+
+    baseline_median = statistics.median(candidates[0].seconds)
+    baseline_min = min(candidates[0].seconds)
+    name_width = max(len(candidate.name) for candidate in candidates)
+    header = (
+        f"{'optimizer step':<{name_width}}  median ms  min ms"
+        "  median ratio  min ratio  first ms"
+    )
+    print(header)
+    print("-" * len(header))
+    for candidate in candidates:
+        median = statistics.median(candidate.seconds)
+        fastest = min(candidate.seconds)
+        print(
+            f"{candidate.name:<{name_width}}  {median * 1e3:9.2f}  {fastest * 1e3:6.2f}"
+            f"  {median / baseline_median:12.2f}  {fastest / baseline_min:9.2f}"
+            f"  {candidate.first_step_seconds * 1e3:8.0f}"
+        )
+    print("\nratios: step time over fused AdamW's, median to median and min to min")
+    print("first ms: the first step, which includes state setup and any compilation")
+
+
+if __name__ == "__main__":
+    main()
