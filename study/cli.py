@@ -1,4 +1,4 @@
-"""The `study` command: list, run, train, analyze, export-table and ui."""
+"""The `study` command: list, run, train, analyze, export-table, report and ui."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from study.spec import SCALES, StudyFileError, available_studies, load_study
-from study.workspace import DEFAULT_DATA_CACHE, Workspace
+from study.workspace import DEFAULT_DATA_CACHE, Workspace, check_stores
 from trainers.data.errors import DataUnavailableError
 
 logger = logging.getLogger("study")
@@ -46,6 +46,55 @@ def _add_study_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# `study` options for the time to target, and the analysis metric each selects.
+TIME_METRIC_CHOICES = {
+    "steps": "steps",
+    "tokens": "progress",
+    "examples": "progress",
+    "seconds": "seconds",
+}
+TIME_METRIC_HELP = (
+    "steps: optimizer steps to the target (default); tokens or examples: the "
+    "workload's progress unit to the target; seconds: training seconds to the target"
+)
+TABLE_METRIC_CHOICES = [
+    *TIME_METRIC_CHOICES,
+    "final_loss",
+    "final_accuracy",
+    "at_best_step",
+]
+TABLE_METRIC_HELP = (
+    f"{TIME_METRIC_HELP}; final_loss, final_accuracy: the last recorded val/loss or "
+    "val/accuracy; at_best_step: the target metric at the step where the row's "
+    "best power reaches the target"
+)
+
+
+def _add_analysis_options(
+    parser: argparse.ArgumentParser, metrics: list[str], metric_help: str
+) -> None:
+    parser.add_argument("--run-id", help="recorded run to read (default: the latest)")
+    parser.add_argument("--metric", choices=metrics, default="steps", help=metric_help)
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="level of the bootstrap and slope confidence intervals (default: 0.9)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples of the seeds (default: 2000)",
+    )
+    parser.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        default=0,
+        help="random seed of the bootstrap (default: 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="study",
@@ -74,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory for token shards and image folders shared by all workspaces "
         f"(default: {DEFAULT_DATA_CACHE})",
     )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run even if the workspace holds an unfinished run of "
+        "this study and scale (default: continue that run)",
+    )
+
+    resume = commands.add_parser(
+        "resume", help="continue the latest unfinished run of a study scale"
+    )
+    _add_study_options(resume)
+    _add_store_options(resume)
+    resume.add_argument(
+        "--run-id", help="run to continue (default: the latest unfinished)"
+    )
+    resume.add_argument("--ray-address", help="join this Ray cluster")
+    resume.add_argument("--data-cache", default=str(DEFAULT_DATA_CACHE))
 
     train = commands.add_parser(
         "train", help="run one grid point in this process, without Ray or recording"
@@ -93,15 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_study_options(analyze)
     _add_store_options(analyze)
-    analyze.add_argument("--run-id", help="recorded run to read (default: the latest)")
+    _add_analysis_options(analyze, list(TIME_METRIC_CHOICES), TIME_METRIC_HELP)
 
     export = commands.add_parser(
         "export-table",
-        help="write the batch size x power tables under WORKSPACE/exports",
+        help="write batch size x power tables under WORKSPACE/exports and log them "
+        "on the run's MLflow parent run",
     )
     _add_study_options(export)
     _add_store_options(export)
-    export.add_argument("--run-id", help="recorded run to read (default: the latest)")
+    _add_analysis_options(export, TABLE_METRIC_CHOICES, TABLE_METRIC_HELP)
+    export.add_argument(
+        "--format",
+        action="append",
+        choices=["md", "latex", "csv", "html"],
+        help="table format; repeat for several (default: md and csv)",
+    )
+    export.add_argument(
+        "--spread",
+        action="store_true",
+        help="show median ± standard deviation over seeds in cells with 2+ seeds",
+    )
+
+    report = commands.add_parser(
+        "report",
+        help="write one HTML page with tables, trend fits and plots under "
+        "WORKSPACE/exports and log it on the run's MLflow parent run",
+    )
+    _add_study_options(report)
+    _add_store_options(report)
+    _add_analysis_options(report, list(TIME_METRIC_CHOICES), TIME_METRIC_HELP)
 
     ui = commands.add_parser(
         "ui", help="serve the MLflow UI for a workspace on 127.0.0.1"
@@ -125,23 +212,71 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_analyses(analyses) -> None:
-    for analysis in analyses:
-        run = analysis.run
-        print(
-            f"\n{run.label} ({run.workload}): steps to {run.target_metric} "
-            f"{run.target_value:g}, budget {run.budget_steps} steps, run {run.run_id}"
-        )
-        from study.export import power_table, to_markdown
+def _analysis_options(args: argparse.Namespace):
+    from study.analysis import AnalysisOptions
 
-        print(to_markdown(power_table(analysis)), end="")
-        print(analysis.fit.describe() if analysis.fit else "no trend fit")
-        if analysis.fit:
-            print(
-                f"slope of best p per doubling of batch size: {analysis.fit.slope:+.3f}"
-            )
-        for note in analysis.notes:
-            print(f"note: {note}")
+    return AnalysisOptions(
+        metric=TIME_METRIC_CHOICES.get(args.metric, "steps"),
+        confidence=args.confidence,
+        bootstrap_samples=args.bootstrap,
+        bootstrap_seed=args.bootstrap_seed,
+    )
+
+
+def _recorded_tracking_uri(workspace: Workspace) -> str | None:
+    """Return the tracking URI to read, or None where its sqlite file is missing,
+    because opening a missing sqlite file creates an empty store."""
+    uri = workspace.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return None
+    return uri
+
+
+def _load_analyses(workspace: Workspace, study: str, scale: str, run_id, options):
+    from study.analysis import analyze_run, load_runs
+
+    runs = load_runs(
+        workspace.optuna_storage,
+        study,
+        scale,
+        run_id,
+        tracking_uri=_recorded_tracking_uri(workspace),
+    )
+    return [analyze_run(run, options) for run in runs]
+
+
+def _log_files(client, analysis, parent_run_id, paths, folder: str) -> None:
+    from study.export import log_artifacts
+
+    if client is None:
+        return
+    parent = parent_run_id or analysis.run.parent_run_id
+    if log_artifacts(client, parent, paths, folder):
+        print(f"logged {len(paths)} file(s) under {folder}/ on MLflow run {parent}")
+
+
+def _log_fit_metrics(client, analysis, parent_run_id) -> None:
+    parent = parent_run_id or analysis.run.parent_run_id
+    if client is None or not parent:
+        return
+    label = analysis.run.label
+    metrics = {}
+    if analysis.linear:
+        metrics[f"fit/{label}/slope"] = analysis.linear.slope
+        metrics[f"fit/{label}/slope_ci_low"] = analysis.linear.slope_ci[0]
+        metrics[f"fit/{label}/slope_ci_high"] = analysis.linear.slope_ci[1]
+    for row in analysis.best.dropna(subset=["p_star"]).itertuples():
+        metrics[f"p_star/{label}/batch_{row.batch_size}"] = row.p_star
+    for name, value in metrics.items():
+        client.log_metric(parent, name, float(value))
+
+
+def _write_report(analyses, workspace: Workspace, client, parent_run_id=None) -> None:
+    from dashboards.report import write_report
+
+    page, images = write_report(analyses, workspace.exports)
+    print(f"report: {page}")
+    _log_files(client, analyses[0], parent_run_id, [page, *images], "report")
 
 
 def _analyze_and_export(
@@ -152,68 +287,152 @@ def _analyze_and_export(
     client=None,
     parent_run_id=None,
 ) -> list:
-    from study.analysis import analyze_run, load_runs
-    from study.export import export_tables
+    """Print the analysis, write the tables and the report, and log them on the
+    run's MLflow parent run when `client` is given."""
+    from study.analysis import AnalysisOptions
+    from study.export import export_tables, summary_text
 
-    analyses = [
-        analyze_run(run)
-        for run in load_runs(workspace.optuna_storage, study, scale, run_id)
-    ]
-    _print_analyses(analyses)
+    analyses = _load_analyses(workspace, study, scale, run_id, AnalysisOptions())
+    for analysis in analyses:
+        print("\n" + summary_text(analysis), end="")
     for analysis in analyses:
         paths = export_tables(analysis, workspace.exports)
-        print(f"tables: {paths['markdown']} and {paths['csv']}")
-        if client is not None:
-            for path in paths.values():
-                client.log_artifact(parent_run_id, str(path), "exports")
-            if analysis.fit:
-                client.log_metric(
-                    parent_run_id, f"fit/{analysis.run.label}/slope", analysis.fit.slope
-                )
+        print(f"tables: {paths['md']} and {paths['csv']}")
+        _log_files(client, analysis, parent_run_id, list(paths.values()), "exports")
+        _log_fit_metrics(client, analysis, parent_run_id)
+    if analyses:
+        try:
+            _write_report(analyses, workspace, client, parent_run_id)
+        except Exception as error:  # noqa: BLE001 - the trials are recorded already
+            logger.warning(
+                "writing the report failed (%s: %s); retry with `study report %s "
+                "--scale %s --workspace %s`",
+                type(error).__name__,
+                error,
+                study,
+                scale,
+                workspace.root,
+            )
     return analyses
 
 
-def command_run(args: argparse.Namespace) -> int:
+def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
     spec = load_study(args.name)
     spec.scale(args.scale)
-    if args.max_concurrent is not None and args.max_concurrent < 1:
+    max_concurrent = getattr(args, "max_concurrent", None)
+    if max_concurrent is not None and max_concurrent < 1:
         raise StudyFileError(
-            f"--max-concurrent {args.max_concurrent} is invalid; use 1 or more"
+            f"--max-concurrent {max_concurrent} is invalid; use 1 or more"
         )
+    check_stores(args.tracking_uri, args.optuna_storage)
     workspace = Workspace.open(
-        args.workspace, args.tracking_uri, args.optuna_storage, args.data_cache
+        args.workspace,
+        args.tracking_uri,
+        args.optuna_storage,
+        args.data_cache,
+        create=not resume,
     )
-    from study.runner import run_study
+
+    from study.runner import find_unfinished_run, run_study
+
+    client = workspace.open_stores()
+    run_id = getattr(args, "run_id", None)
+    if resume and run_id is None:
+        run_id = find_unfinished_run(client, spec.name, args.scale)
+        if run_id is None:
+            raise StudyFileError(
+                f"Workspace {workspace.root} holds no unfinished run of "
+                f"{spec.name} ({args.scale}); start one with `study run`"
+            )
+    elif not resume and not args.fresh:
+        run_id = find_unfinished_run(client, spec.name, args.scale)
+        if run_id is not None:
+            print(
+                f"continuing unfinished run {run_id} of {spec.name} ({args.scale}); "
+                "pass --fresh to start a new run instead"
+            )
 
     result = run_study(
         spec,
         args.scale,
         workspace,
         ray_address=args.ray_address,
-        max_concurrent=args.max_concurrent,
+        max_concurrent=max_concurrent,
+        resume_run_id=run_id,
     )
-    counts = {}
+    counts: dict[str, int] = {}
     for state in result.end_states.values():
         counts[state] = counts.get(state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    if result.unfinished:
+        print(
+            f"\nstudy {spec.name} ({args.scale}) stopped after "
+            f"{result.wall_seconds:.0f} s with {len(result.unfinished)} of "
+            f"{len(result.plans)} trials unfinished ({summary or 'none finished'}); "
+            f"continue with: study resume {args.name} --scale {args.scale} "
+            f"--workspace {workspace.root}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(
-        f"\nstudy {spec.name} ({args.scale}) finished in {result.wall_seconds:.0f} s: "
-        + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        f"\nstudy {spec.name} ({args.scale}) finished in "
+        f"{result.wall_seconds:.0f} s: {summary}"
     )
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=workspace.tracking_uri)
-    _analyze_and_export(
-        workspace,
-        spec.name,
-        args.scale,
-        result.run.run_id,
-        client,
-        result.parent_run_id,
-    )
+    if spec.is_toy():
+        _analyze_toy(
+            workspace,
+            spec.name,
+            args.scale,
+            result.run.run_id,
+            client,
+            result.parent_run_id,
+        )
+    else:
+        _analyze_and_export(
+            workspace,
+            spec.name,
+            args.scale,
+            result.run.run_id,
+            client,
+            result.parent_run_id,
+        )
     print(
         f"\nCompare the trials in the MLflow UI: study ui --workspace {workspace.root}"
     )
     return 0
+
+
+def _analyze_toy(
+    workspace: Workspace,
+    study: str,
+    scale: str,
+    run_id,
+    client=None,
+    parent_run_id=None,
+) -> None:
+    """Print and export the toy study's table, findings and plot."""
+    from study.toy_analysis import analyze_toy, export_toy, toy_markdown
+
+    for analysis in analyze_toy(workspace.optuna_storage, study, scale, run_id):
+        print(
+            f"\n{analysis.label}: update u_t by noise ratio and power, run {analysis.run_id}"
+        )
+        print(toy_markdown(analysis), end="")
+        for finding in analysis.findings:
+            print(f"finding: {finding}")
+        paths = export_toy(analysis, workspace.exports)
+        print(f"tables and plot: {', '.join(str(p) for p in paths.values())}")
+        if client is not None:
+            for path in paths.values():
+                client.log_artifact(parent_run_id, str(path), "exports")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    return _run_or_resume(args, resume=False)
+
+
+def command_resume(args: argparse.Namespace) -> int:
+    return _run_or_resume(args, resume=True)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -258,24 +477,67 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_analyze(args: argparse.Namespace) -> int:
-    from study.analysis import analyze_run, load_runs
-
-    spec = load_study(args.name)
-    workspace = Workspace.open(
+def _open_recorded_workspace(args: argparse.Namespace) -> Workspace:
+    return Workspace.open(
         args.workspace, args.tracking_uri, args.optuna_storage, create=False
     )
-    runs = load_runs(workspace.optuna_storage, spec.name, args.scale, args.run_id)
-    _print_analyses([analyze_run(run) for run in runs])
+
+
+def command_analyze(args: argparse.Namespace) -> int:
+    from study.export import summary_text
+
+    spec = load_study(args.name)
+    workspace = _open_recorded_workspace(args)
+    if spec.is_toy():
+        _analyze_toy(workspace, spec.name, args.scale, args.run_id)
+        return 0
+    analyses = _load_analyses(
+        workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
+    )
+    print("\n".join(summary_text(analysis) for analysis in analyses), end="")
     return 0
 
 
+def _mlflow_client(workspace: Workspace):
+    from mlflow.tracking import MlflowClient
+
+    uri = _recorded_tracking_uri(workspace)
+    return MlflowClient(tracking_uri=uri) if uri else None
+
+
 def command_export(args: argparse.Namespace) -> int:
+    from study.export import DEFAULT_FORMATS, build_table, export_tables, to_markdown
+
     spec = load_study(args.name)
-    workspace = Workspace.open(
-        args.workspace, args.tracking_uri, args.optuna_storage, create=False
+    workspace = _open_recorded_workspace(args)
+    analyses = _load_analyses(
+        workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
-    _analyze_and_export(workspace, spec.name, args.scale, args.run_id)
+    metric = "tokens" if args.metric == "examples" else args.metric
+    client = _mlflow_client(workspace)
+    for analysis in analyses:
+        table = build_table(analysis, metric, args.spread)
+        print(f"\n{table.title}\n{to_markdown(table)}", end="")
+        paths = export_tables(
+            analysis,
+            workspace.exports,
+            tuple(args.format or DEFAULT_FORMATS),
+            metric,
+            args.spread,
+        )
+        for path in paths.values():
+            print(f"wrote {path}")
+        _log_files(client, analysis, None, list(paths.values()), "exports")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    spec = load_study(args.name)
+    workspace = _open_recorded_workspace(args)
+    analyses = _load_analyses(
+        workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
+    )
+    _write_report(analyses, workspace, _mlflow_client(workspace))
     return 0
 
 
@@ -289,9 +551,11 @@ def command_ui(args: argparse.Namespace) -> int:
 COMMANDS = {
     "list": command_list,
     "run": command_run,
+    "resume": command_resume,
     "train": command_train,
     "analyze": command_analyze,
     "export-table": command_export,
+    "report": command_report,
     "ui": command_ui,
 }
 

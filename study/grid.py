@@ -6,10 +6,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from study.spec import Scale, WorkloadStudy
+from study.spec import GRID_AXIS_NAMES, Scale, ToyNoiseStudy, WorkloadStudy
 from trainers.config import TrialConfig
 
-GRID_AXES = ("batch_size", "power", "lr_max", "seed")
+GRID_AXES = GRID_AXIS_NAMES
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class TrialPlan:
 
 
 def trial_key(label: str, params: dict[str, Any]) -> str:
+    if "noise_ratio" in params:
+        return f"{label}/noise={params['noise_ratio']:g}/p={params['power']:g}/seed={params['seed']}"
     return (
         f"{label}/bs={params['batch_size']}/p={params['power']:g}"
         f"/lr={params['lr_max']:g}/seed={params['seed']}"
@@ -33,6 +35,9 @@ def _trial_config(
     label: str, entry: WorkloadStudy, data: dict[str, Any], params: dict[str, Any]
 ) -> TrialConfig:
     train = entry.train.model_dump()
+    fault = entry.fault_injection
+    if fault is not None and all(params[k] == v for k, v in fault.only.items()):
+        train["inject_nan_loss_at_step"] = fault.nan_loss_at_step
     return TrialConfig(
         workload=entry.workload or label,
         model=dict(entry.model),
@@ -42,6 +47,7 @@ def _trial_config(
         target_mode=entry.target.mode,
         step_budget=entry.budget.steps,
         eval_every_steps=entry.eval_every_steps,
+        checkpoint_every_steps=entry.checkpoint_every_steps,
         threads=max(1, int(entry.resources.cpu)),
         **params,
         **train,
@@ -56,6 +62,9 @@ def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[Trial
     """
     plans: list[TrialPlan] = []
     for label, entry in scale.workloads.items():
+        if isinstance(entry, ToyNoiseStudy):
+            plans.extend(_toy_plans(label, entry))
+            continue
         if label not in prepared_data:
             continue
         lrs = entry.grid.lr_by_batch_size()
@@ -74,4 +83,22 @@ def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[Trial
                 plans.append(
                     TrialPlan(trial_key(label, params), label, params, config.to_dict())
                 )
+    return plans
+
+
+def _toy_plans(label: str, entry: ToyNoiseStudy) -> list[TrialPlan]:
+    """Toy-model trials in order of noise ratio, power and seed."""
+    plans = []
+    simulation = entry.simulation.model_dump()
+    grid = entry.grid
+    for noise_ratio, power, seed in itertools.product(
+        grid.noise_ratio, grid.power, grid.seed
+    ):
+        params = {
+            "noise_ratio": float(noise_ratio),
+            "power": float(power),
+            "seed": seed,
+        }
+        config = {"workload": "toy_noise", **params, **simulation}
+        plans.append(TrialPlan(trial_key(label, params), label, params, config))
     return plans

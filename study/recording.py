@@ -1,34 +1,78 @@
 """Record trials in MLflow and Optuna from the Ray driver only.
 
 A single writer means no sqlite lock races between parallel trials, and
-workers on other nodes need no database access.
+workers on other nodes need no database access. Every write is keyed by the
+trial's stable key, and the recorder reads back what the stores already hold
+when it connects, so a resumed or retried study records each trial once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import mlflow
 import optuna
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import OperationalError
 
-from study.grid import GRID_AXES, TrialPlan
+from study.grid import TrialPlan
 
 logger = logging.getLogger(__name__)
 
+# `complete` is the end of a toy-model simulation, which has no target.
+END_STATES = ("reached", "censored", "diverged", "failed", "complete")
 # Numeric end-of-trial values copied from the last result into the records.
 SUMMARY_KEYS = ("step", "val/loss", "val/accuracy", "train/loss", "time/train_sec")
-FLUSH_EVERY_RESULTS = 50
+# Metrics are buffered per trial and written in batches of this many values;
+# they are also written whenever the trial saves a checkpoint, so a resume
+# from that checkpoint never leaves a gap in the curves.
+FLUSH_EVERY_METRICS = 200
+# MLflow caps one log_batch call at 1000 metrics.
+MLFLOW_BATCH_LIMIT = 1000
+LOCK_RETRIES = 8
+# Fixed settings copied into each child run's params, besides the grid axes.
+LOGGED_SETTINGS = (
+    "schedule",
+    "warmup_steps",
+    "step_budget",
+    "weight_decay",
+    "optimizer",
+    "steps",
+    "replicates",
+)
+
+Result = TypeVar("Result")
+
+
+def retry_when_locked(function: Callable[..., Result]) -> Callable[..., Result]:
+    """Retry a store write that failed because another process held sqlite's lock."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Result:
+        for attempt in range(LOCK_RETRIES):
+            try:
+                return function(*args, **kwargs)
+            except (OperationalError, MlflowException) as error:
+                if "locked" not in str(error) or attempt == LOCK_RETRIES - 1:
+                    raise
+                delay = 0.1 * 2**attempt
+                logger.warning("store is locked, retrying in %.1f s: %s", delay, error)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Identity of one `study run`: which study, scale and run id it records."""
+    """Identity of one study run: which study, scale and run id it records."""
 
     study: str
     scale: str
@@ -37,19 +81,31 @@ class RunInfo:
     def optuna_study_name(self, label: str) -> str:
         return f"{self.study}/{self.scale}/{label}/{self.run_id}"
 
+    @property
+    def experiment_name(self) -> str:
+        """The Ray Tune experiment folder under the workspace's ray_results."""
+        return f"{self.study}-{self.scale}-{self.run_id}"
+
 
 @dataclass
 class TrialRecord:
     mlflow_run_id: str
     pending_metrics: list[Metric] = field(default_factory=list)
+    max_logged_step: int = -1
     last_result: dict[str, Any] = field(default_factory=dict)
-    finished: bool = False
+    mlflow_done: bool = False
+    optuna_done: bool = False
+    end_state: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.mlflow_done and self.optuna_done
 
 
 def end_state_of(result: dict[str, Any], errored: bool) -> str:
     """The end state from a trial's last result: the loop's own verdict, else failed."""
     state = result.get("end_state")
-    if state in ("reached", "censored", "diverged"):
+    if state in ("reached", "censored", "diverged", "complete"):
         return state
     return "failed" if errored else "censored"
 
@@ -71,38 +127,82 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str) -> str
     return client.create_experiment(name, artifact_location=artifact_uri)
 
 
+def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> dict:
+    """The end-of-trial attributes stored on the Optuna trial."""
+    summary: dict[str, Any] = {
+        "end_state": state,
+        "trial_key": key,
+        "steps_done": int(result.get("step", 0)),
+    }
+    if state == "complete":
+        for name, value in numeric_metrics(result).items():
+            summary[name.replace("/", "_")] = value
+    if state == "reached":
+        summary["steps_to_target"] = int(result["target/steps"])
+        summary[f"{unit}_to_target"] = int(result[f"target/{unit}"])
+        summary["seconds_to_target"] = float(result["target/train_sec"])
+    for name in SUMMARY_KEYS:
+        value = result.get(name)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            summary[name.replace("/", "_")] = float(value)
+    return summary
+
+
 class StudyRecorder:
-    """Writes one MLflow child run and one Optuna trial per Tune trial."""
+    """Writes one MLflow child run and one Optuna trial per grid point.
+
+    It holds only plain settings when pickled (Ray Tune stores its callbacks
+    with the experiment), and reconnects to the stores on first use.
+    """
 
     def __init__(
         self,
-        client: MlflowClient,
+        tracking_uri: str,
+        optuna_storage: str,
         experiment_id: str,
         parent_run_id: str,
-        optuna_storage: optuna.storages.BaseStorage | str,
         run: RunInfo,
         plans: list[TrialPlan],
         units: dict[str, str],
     ) -> None:
-        self.client = client
+        self.tracking_uri = tracking_uri
+        self.optuna_storage = optuna_storage
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.run = run
         self.plans = {plan.key: plan for plan in plans}
         self.units = units
-        self.records: dict[str, TrialRecord] = {}
-        self.optuna_studies = self._create_optuna_studies(optuna_storage, plans)
+        self._connected = False
 
-    def _create_optuna_studies(
-        self, storage: optuna.storages.BaseStorage | str, plans: list[TrialPlan]
-    ) -> dict[str, optuna.Study]:
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("client", "optuna_studies", "records"):
+            state.pop(name, None)
+        state["_connected"] = False
+        return state
+
+    def connect(self) -> None:
+        """Open the stores, create the Optuna studies and read what is recorded."""
+        if self._connected:
+            return
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        storage = open_optuna_storage(self.optuna_storage)
+        self.optuna_studies = self._create_optuna_studies(storage)
+        self.records: dict[str, TrialRecord] = {}
+        self._read_back_records()
+        self._connected = True
+
+    def _create_optuna_studies(self, storage) -> dict[str, optuna.Study]:
         studies = {}
-        for label in dict.fromkeys(plan.label for plan in plans):
-            config = next(p.config for p in plans if p.label == label)
-            study = optuna.create_study(
+        for label in dict.fromkeys(plan.label for plan in self.plans.values()):
+            config = next(p.config for p in self.plans.values() if p.label == label)
+            toy = config["workload"] == "toy_noise"
+            study = retry_when_locked(optuna.create_study)(
                 study_name=self.run.optuna_study_name(label),
                 storage=storage,
-                direction="minimize",
+                # Training trials minimise steps to target; toy trials
+                # maximise the update size.
+                direction="maximize" if toy else "minimize",
                 load_if_exists=True,
             )
             attributes = {
@@ -112,16 +212,51 @@ class StudyRecorder:
                 "label": label,
                 "workload": config["workload"],
                 "progress_unit": self.units[label],
-                "target_metric": config["target_metric"],
-                "target_value": config["target_value"],
-                "target_mode": config["target_mode"],
-                "budget_steps": config["step_budget"],
                 "mlflow_parent_run_id": self.parent_run_id,
             }
+            if not toy:
+                attributes["target_metric"] = config["target_metric"]
+                attributes["target_value"] = config["target_value"]
+                attributes["target_mode"] = config["target_mode"]
+                attributes["budget_steps"] = config["step_budget"]
             for key, value in attributes.items():
-                study.set_user_attr(key, value)
+                if study.user_attrs.get(key) != value:
+                    retry_when_locked(study.set_user_attr)(key, value)
             studies[label] = study
         return studies
+
+    def _read_back_records(self) -> None:
+        """Adopt the child runs and Optuna trials that an earlier process wrote."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            max_results=50000,
+        )
+        for mlflow_run in runs:
+            key = mlflow_run.data.tags.get("trial_key")
+            if key not in self.plans:
+                continue
+            record = TrialRecord(mlflow_run.info.run_id)
+            record.end_state = mlflow_run.data.tags.get("end_state")
+            record.mlflow_done = record.end_state in END_STATES
+            if not record.mlflow_done:
+                history = self.client.get_metric_history(
+                    record.mlflow_run_id, "train/loss"
+                )
+                record.max_logged_step = max((m.step for m in history), default=-1)
+            self.records[key] = record
+        for study in self.optuna_studies.values():
+            for trial in study.get_trials(deepcopy=False):
+                key = trial.user_attrs.get("trial_key")
+                if key in self.records:
+                    self.records[key].optuna_done = True
+        if self.records:
+            finished = sum(record.finished for record in self.records.values())
+            logger.debug(
+                "recorder found %d trials already recorded, %d of them finished",
+                len(self.records),
+                finished,
+            )
 
     def _distributions(
         self, label: str
@@ -131,18 +266,15 @@ class StudyRecorder:
             axis: optuna.distributions.CategoricalDistribution(
                 sorted({plan.params[axis] for plan in plans})
             )
-            for axis in GRID_AXES
+            for axis in plans[0].params
         }
 
     def start(self, key: str) -> None:
+        self.connect()
         if key in self.records:
             return
         plan = self.plans[key]
-        params = plan.params
-        run_name = (
-            f"{plan.label} bs={params['batch_size']} p={params['power']:g} "
-            f"lr={params['lr_max']:g} seed={params['seed']}"
-        )
+        run_name = plan.key.replace("/", " ")
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             "trial_key": key,
@@ -153,79 +285,101 @@ class StudyRecorder:
             "label": plan.label,
             "end_state": "running",
         }
-        mlflow_run = self.client.create_run(
+        mlflow_run = retry_when_locked(self.client.create_run)(
             self.experiment_id, run_name=run_name, tags=tags
         )
         run_id = mlflow_run.info.run_id
-        logged_params = {
-            **params,
+        logged = {
+            **plan.params,
             "workload": plan.config["workload"],
             "label": plan.label,
         }
-        for name in ("schedule", "warmup_steps", "step_budget", "weight_decay"):
-            logged_params[name] = plan.config[name]
-        logged_params["model_preset"] = plan.config["model"].get("preset", "default")
-        self.client.log_batch(
-            run_id,
-            params=[mlflow.entities.Param(k, str(v)) for k, v in logged_params.items()],
+        for name in LOGGED_SETTINGS:
+            if name in plan.config:
+                logged[name] = plan.config[name]
+        if "model" in plan.config:
+            logged["model_preset"] = plan.config["model"].get("preset", "default")
+        retry_when_locked(self.client.log_batch)(
+            run_id, params=[Param(k, str(v)) for k, v in logged.items()]
         )
         self.records[key] = TrialRecord(run_id)
 
     def result(self, key: str, result: dict[str, Any]) -> None:
         self.start(key)
         record = self.records[key]
+        if record.mlflow_done:
+            # Tune reruns a trial whose end it had not saved before a driver
+            # crash; its run is already complete in the stores.
+            return
         record.last_result = result
         step = int(result.get("step", 0))
+        if step <= record.max_logged_step:
+            # A retried or resumed trial repeats the steps after its checkpoint;
+            # the first values of those steps are already stored.
+            return
         timestamp = int(time.time() * 1000)
         for name, value in numeric_metrics(result).items():
             record.pending_metrics.append(Metric(name, value, timestamp, step))
-        if len(record.pending_metrics) >= FLUSH_EVERY_RESULTS * 4:
-            self._flush(record)
+        record.max_logged_step = step
+        if len(record.pending_metrics) >= FLUSH_EVERY_METRICS:
+            self.flush(key)
 
-    def _flush(self, record: TrialRecord) -> None:
-        # MLflow caps one batch at 1000 metrics.
+    def flush(self, key: str) -> None:
+        self.connect()
+        record = self.records.get(key)
+        if record is None or not record.pending_metrics:
+            return
         pending = record.pending_metrics
-        for start in range(0, len(pending), 1000):
-            self.client.log_batch(
-                record.mlflow_run_id, metrics=pending[start : start + 1000]
+        for start in range(0, len(pending), MLFLOW_BATCH_LIMIT):
+            batch = pending[start : start + MLFLOW_BATCH_LIMIT]
+            retry_when_locked(self.client.log_batch)(
+                record.mlflow_run_id, metrics=batch
             )
         record.pending_metrics = []
 
-    def finish(self, key: str, errored: bool, error: str | None = None) -> str:
-        """Close the trial's MLflow run and add its Optuna trial; return the end state."""
+    def finish(
+        self,
+        key: str,
+        errored: bool,
+        error: str | None = None,
+        last_result: dict[str, Any] | None = None,
+    ) -> str:
+        """Close the trial's MLflow run and add its Optuna trial, each once.
+
+        Return the end state. `last_result` replaces the result seen through
+        `result()`, for trials that ended while no recorder was listening.
+        """
         self.start(key)
         record = self.records[key]
-        if record.finished:
-            return record.last_result.get("end_state", "failed")
-        self._flush(record)
+        if last_result is not None:
+            record.last_result = last_result
+        self.flush(key)
+        if record.finished and record.end_state in END_STATES:
+            return record.end_state
         result = record.last_result
         state = end_state_of(result, errored)
         unit = self.units[self.plans[key].label]
-        summary = {
-            "end_state": state,
-            "trial_key": key,
-            "steps_done": int(result.get("step", 0)),
-        }
-        if state == "reached":
-            summary["steps_to_target"] = int(result["target/steps"])
-            summary[f"{unit}_to_target"] = int(result[f"target/{unit}"])
-            summary["seconds_to_target"] = float(result["target/train_sec"])
-        for name in SUMMARY_KEYS:
-            value = result.get(name)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                summary[name.replace("/", "_")] = float(value)
+        summary = trial_summary(key, unit, state, result)
         if error:
             summary["error"] = error[-2000:]
 
-        self.client.set_tag(record.mlflow_run_id, "end_state", state)
-        if state == "reached":
-            self.client.log_metric(
-                record.mlflow_run_id, "target/steps", summary["steps_to_target"]
+        if not record.optuna_done:
+            self._add_optuna_trial(key, state, summary)
+            record.optuna_done = True
+        if not record.mlflow_done:
+            if state == "reached":
+                retry_when_locked(self.client.log_metric)(
+                    record.mlflow_run_id, "target/steps", summary["steps_to_target"]
+                )
+            retry_when_locked(self.client.set_tag)(
+                record.mlflow_run_id, "end_state", state
             )
-        status = RunStatus.FAILED if state == "failed" else RunStatus.FINISHED
-        self.client.set_terminated(record.mlflow_run_id, RunStatus.to_string(status))
-        self._add_optuna_trial(key, state, summary)
-        record.finished = True
+            status = RunStatus.FAILED if state == "failed" else RunStatus.FINISHED
+            retry_when_locked(self.client.set_terminated)(
+                record.mlflow_run_id, RunStatus.to_string(status)
+            )
+            record.mlflow_done = True
+        record.end_state = state
         record.last_result = {**result, "end_state": state}
         return state
 
@@ -233,13 +387,38 @@ class StudyRecorder:
         plan = self.plans[key]
         optuna_state = {
             "reached": optuna.trial.TrialState.COMPLETE,
+            "complete": optuna.trial.TrialState.COMPLETE,
             "censored": optuna.trial.TrialState.PRUNED,
         }.get(state, optuna.trial.TrialState.FAIL)
         trial = optuna.trial.create_trial(
             params=plan.params,
             distributions=self._distributions(plan.label),
-            value=float(summary["steps_to_target"]) if state == "reached" else None,
+            value=_objective_value(state, summary),
             state=optuna_state,
             user_attrs={**summary, "mlflow_run_id": self.records[key].mlflow_run_id},
         )
-        self.optuna_studies[plan.label].add_trial(trial)
+        retry_when_locked(self.optuna_studies[plan.label].add_trial)(trial)
+
+    def unfinished_keys(self) -> list[str]:
+        self.connect()
+        return [
+            key
+            for key in self.plans
+            if key not in self.records or not self.records[key].finished
+        ]
+
+
+def open_optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open Optuna's RDB storage; sqlite waits up to a minute for another writer."""
+    engine_kwargs = (
+        {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    )
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _objective_value(state: str, summary: dict[str, Any]) -> float | None:
+    if state == "reached":
+        return float(summary["steps_to_target"])
+    if state == "complete":
+        return float(summary["toy_update_mean"])
+    return None

@@ -6,16 +6,22 @@ import dataclasses
 import logging
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Ray Tune's legacy console output is silent at verbose=0; the progress lines
 # below replace its status tables. Set before Ray is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune warns when saving its experiment state takes long on a busy machine;
+# the state is still saved, so the warning only adds noise to the progress.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import optuna
 import ray
+import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -23,20 +29,53 @@ from ray import tune
 from study.grid import TrialPlan, expand
 from study.metadata import run_metadata
 from study.recording import RunInfo, StudyRecorder, ensure_experiment
-from study.spec import StudySpec
+from study.spec import StudyFileError, StudySpec, ToyNoiseStudy, WorkloadStudy
 from study.workspace import Workspace
 from trainers.config import TrialConfig
 from trainers.loop import run_trial
+from trainers.toy_noise import run_toy_trial
 from trainers.workloads import get_workload_class
 
 logger = logging.getLogger("study")
 
 
+CHECKPOINT_FILE = "training_state.pt"
+TOY_WORKLOAD = "toy_noise"
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint: dict | None = None) -> None:
+    """Report to Tune; a training state is saved as a Tune checkpoint folder."""
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
 def train_one(param_space: dict[str, Any]) -> None:
-    """Tune function trainable: run one grid point and report through Tune."""
+    """Tune function trainable: run one grid point, resuming from Tune's checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    config = TrialConfig.from_dict(param_space["trial"]["config"])
-    run_trial(config, report=tune.report)
+    raw_config = param_space["trial"]["config"]
+    if raw_config["workload"] == TOY_WORKLOAD:
+        settings = {k: v for k, v in raw_config.items() if k != "workload"}
+        constants = {"toy/mu": settings["mu"], "toy/eps": settings["eps"]}
+        run_toy_trial(
+            settings,
+            lambda m: tune.report({**m, **constants, "end_state": "complete"}),
+        )
+        return
+    config = TrialConfig.from_dict(raw_config)
+    restore = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restore = torch.load(
+                Path(directory) / CHECKPOINT_FILE,
+                map_location="cpu",
+                weights_only=False,
+            )
+    run_trial(config, report=_tune_report, restore=restore)
 
 
 def trial_resources(param_space: dict[str, Any]) -> tune.PlacementGroupFactory:
@@ -53,7 +92,10 @@ class TargetStopper(tune.Stopper):
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if result.get("end_state"):
             return True
-        config = TrialConfig.from_dict(result["config"]["trial"]["config"])
+        raw_config = result["config"]["trial"]["config"]
+        if raw_config["workload"] == TOY_WORKLOAD:
+            return False
+        config = TrialConfig.from_dict(raw_config)
         value = result.get(config.target_metric)
         return value is not None and config.target_met(value)
 
@@ -69,7 +111,11 @@ class Progress:
         self.units = units
         self.running: set[str] = set()
         self.done: dict[str, str] = {}
-        self.best: dict[tuple[str, int], tuple[int, float]] = {}
+        self.best: dict[tuple[str, float], tuple[float, float]] = {}
+
+    def sync(self, end_states: dict[str, str]) -> None:
+        """Count the trials that an earlier process of this run finished."""
+        self.done.update(end_states)
 
     def started(self, key: str) -> None:
         self.running.add(key)
@@ -77,10 +123,28 @@ class Progress:
     def finished(self, plan: TrialPlan, state: str, result: dict[str, Any]) -> None:
         self.running.discard(plan.key)
         self.done[plan.key] = state
+        if state == "complete":
+            detail, best_text = self._toy_detail(plan, result)
+        else:
+            detail, best_text = self._training_detail(plan, state, result)
+        pending = self.total - len(self.done) - len(self.running)
+        logger.info(
+            "[%d done, %d running, %d pending] %s: %s; %s",
+            len(self.done),
+            len(self.running),
+            pending,
+            plan.key,
+            detail,
+            best_text,
+        )
+
+    def _training_detail(
+        self, plan: TrialPlan, state: str, result: dict[str, Any]
+    ) -> tuple[str, str]:
         params = plan.params
+        best_key = (plan.label, params["batch_size"])
         if state == "reached":
             detail = f"reached the target in {result['target/steps']} steps"
-            best_key = (plan.label, params["batch_size"])
             steps = int(result["target/steps"])
             if best_key not in self.best or steps < self.best[best_key][0]:
                 self.best[best_key] = (steps, params["power"])
@@ -88,19 +152,21 @@ class Progress:
             detail = f"censored after {result.get('step', '?')} steps"
         else:
             detail = f"{state} at step {result.get('step', '?')}"
-        pending = self.total - len(self.done) - len(self.running)
-        best = self.best.get((plan.label, params["batch_size"]))
-        best_text = (
-            f"best p={best[1]:g} ({best[0]} steps)" if best else "no trial reached"
-        )
-        logger.info(
-            "[%d done, %d running, %d pending] %s: %s; at this batch size %s",
-            len(self.done),
-            len(self.running),
-            pending,
-            plan.key,
-            detail,
-            best_text,
+        best = self.best.get(best_key)
+        if best is None:
+            return detail, "at this batch size no trial reached the target"
+        return detail, f"at this batch size best p={best[1]:g} ({best[0]} steps)"
+
+    def _toy_detail(self, plan: TrialPlan, result: dict[str, Any]) -> tuple[str, str]:
+        params = plan.params
+        value = float(result.get("toy/update_mean", float("nan")))
+        best_key = (plan.label, params["noise_ratio"])
+        if best_key not in self.best or value > self.best[best_key][0]:
+            self.best[best_key] = (value, params["power"])
+        best = self.best[best_key]
+        return (
+            f"update u = {value:.4g}",
+            f"at this noise ratio best p={best[1]:g} (u = {best[0]:.4g})",
         )
 
 
@@ -115,12 +181,49 @@ class RecordingCallback(tune.Callback):
     def _key(trial) -> str:
         return trial.config["trial"]["key"]
 
+    def setup(self, **info) -> None:
+        self.recorder.connect()
+        self.progress.sync(
+            {
+                key: record.end_state
+                for key, record in self.recorder.records.items()
+                if record.finished
+            }
+        )
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.recorder.start(self._key(trial))
         self.progress.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.recorder.result(self._key(trial), result)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self.recorder.flush(self._key(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.progress.running.discard(self._key(trial))
+        logger.warning(
+            "trial %s crashed; retrying from its latest checkpoint:\n%s",
+            self._key(trial),
+            trial.get_error(),
+        )
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Record trials that ended while no recorder listened (a driver killed
+        between a trial's end and its record)."""
+        for trial in trials:
+            key = self._key(trial)
+            if trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            if key in self.recorder.unfinished_keys():
+                errored = trial.status == "ERROR"
+                self.recorder.finish(
+                    key,
+                    errored=errored,
+                    error=str(trial.get_error()) if errored else None,
+                    last_result=dict(trial.last_result or {}),
+                )
 
     def _finish(self, trial, errored: bool) -> None:
         key = self._key(trial)
@@ -147,10 +250,18 @@ class StudyRun:
     parent_run_id: str
     end_states: dict[str, str]
     wall_seconds: float
+    unfinished: list[str]
+    """Trials not finished when the run stopped (interrupted); empty when done."""
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def progress_unit(label: str, entry: WorkloadStudy | ToyNoiseStudy) -> str:
+    if isinstance(entry, ToyNoiseStudy):
+        return "simulations"
+    return get_workload_class(entry.workload or label).progress_unit
 
 
 def prepare_data(
@@ -163,6 +274,8 @@ def prepare_data(
     prepared = {}
     for label, entry in spec.scale(scale_name).workloads.items():
         if labels is not None and label not in labels:
+            continue
+        if isinstance(entry, ToyNoiseStudy):
             continue
         workload_class = get_workload_class(entry.workload or label)
         logger.info("preparing data for %s (%s)", label, workload_class.name)
@@ -180,10 +293,64 @@ def _start_ray(address: str | None) -> bool:
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
+        _node_ip_address="127.0.0.1",
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
     return True
+
+
+def find_unfinished_run(client: MlflowClient, study: str, scale: str) -> str | None:
+    """The run id of the latest study run of (study, scale) that did not finish."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
+    for parent in parents:
+        if "mlflow.parentRunId" in parent.data.tags:
+            continue
+        if parent.info.status != "FINISHED":
+            return parent.data.tags["study_run_id"]
+    return None
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, run: RunInfo) -> str:
+    parents = [
+        parent
+        for parent in client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.study_run_id = '{run.run_id}'",
+            max_results=50000,
+        )
+        if "mlflow.parentRunId" not in parent.data.tags
+    ]
+    if not parents:
+        raise StudyFileError(
+            f"Run {run.run_id} of study {run.study!r} has no MLflow parent run in "
+            "this tracking store; pass the --workspace and --tracking-uri it used"
+        )
+    return parents[0].info.run_id
+
+
+def _create_parent_run(
+    client: MlflowClient, experiment_id: str, run: RunInfo, plans, scale
+) -> str:
+    parent = client.create_run(
+        experiment_id,
+        run_name=run.experiment_name,
+        tags={"study": run.study, "scale": run.scale, "study_run_id": run.run_id},
+    )
+    parent_run_id = parent.info.run_id
+    client.log_param(parent_run_id, "trials", len(plans))
+    client.log_dict(
+        parent_run_id, run_metadata(scale.model_dump(mode="json")), "metadata.json"
+    )
+    return parent_run_id
 
 
 def run_study(
@@ -193,93 +360,114 @@ def run_study(
     *,
     ray_address: str | None = None,
     max_concurrent: int | None = None,
+    resume_run_id: str | None = None,
 ) -> StudyRun:
-    """Run every trial of one scale under Ray Tune and record them all."""
+    """Run every trial of one scale under Ray Tune and record them all.
+
+    With `resume_run_id`, continue that run's Tune experiment instead:
+    finished trials are kept, unfinished and errored ones continue from their
+    latest checkpoint, and never-started ones start.
+    """
     started = time.perf_counter()
     scale = spec.scale(scale_name)
-    run = RunInfo(spec.name, scale_name, new_run_id())
+    run = RunInfo(spec.name, scale_name, resume_run_id or new_run_id())
+    experiment_path = workspace.ray_results / run.experiment_name
+    if resume_run_id and not tune.Tuner.can_restore(str(experiment_path)):
+        raise StudyFileError(
+            f"Run {resume_run_id} has no restorable Ray Tune experiment at "
+            f"{experiment_path}; start a new run with `study run --fresh`"
+        )
     prepared = prepare_data(spec, scale_name, workspace)
     plans = expand(scale, prepared)
     units = {
-        label: get_workload_class(entry.workload or label).progress_unit
-        for label, entry in scale.workloads.items()
+        label: progress_unit(label, entry) for label, entry in scale.workloads.items()
     }
     resources = {
         label: entry.resources.model_dump() for label, entry in scale.workloads.items()
     }
+
+    client = workspace.open_stores()
+    with workspace.store_setup_lock():
+        experiment_id = ensure_experiment(
+            client, spec.name, workspace.artifact_root.as_uri()
+        )
+    if resume_run_id:
+        parent_run_id = _parent_run_id(client, experiment_id, run)
+        client.update_run(parent_run_id, status="RUNNING")
+    else:
+        parent_run_id = _create_parent_run(client, experiment_id, run, plans, scale)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    recorder = StudyRecorder(
+        workspace.tracking_uri,
+        workspace.optuna_storage,
+        experiment_id,
+        parent_run_id,
+        run,
+        plans,
+        units,
+    )
+    recorder.connect()
     logger.info(
-        "study %s, scale %s, run %s: %d trials; workspace %s",
+        "study %s, scale %s, %s run %s: %d trials (%d already finished); workspace %s",
         spec.name,
         scale_name,
+        "resuming" if resume_run_id else "new",
         run.run_id,
         len(plans),
+        len(plans) - len(recorder.unfinished_keys()),
         workspace.root,
     )
 
-    client = MlflowClient(tracking_uri=workspace.tracking_uri)
-    experiment_id = ensure_experiment(
-        client, spec.name, workspace.artifact_root.as_uri()
-    )
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"{spec.name}-{scale_name}-{run.run_id}",
-        tags={"study": spec.name, "scale": scale_name, "study_run_id": run.run_id},
-    )
-    parent_run_id = parent.info.run_id
-    experiment_name = f"{spec.name}-{scale_name}-{run.run_id}"
-    client.log_param(parent_run_id, "trials", len(plans))
-    client.log_dict(
-        parent_run_id,
-        run_metadata(scale.model_dump(mode="json")),
-        "metadata.json",
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(workspace.optuna_storage)
-    recorder = StudyRecorder(
-        client, experiment_id, parent_run_id, storage, run, plans, units
-    )
-    progress = Progress(plans, units)
-
     status = RunStatus.FAILED
     started_ray = _start_ray(ray_address)
-    logger.info("Ray Tune results: %s", workspace.ray_results / experiment_name)
+    logger.info("Ray Tune results: %s", experiment_path)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(train_one, trial_resources),
-            param_space={
-                "trial": tune.grid_search(
-                    [
-                        {**dataclasses.asdict(plan), "resources": resources[plan.label]}
-                        for plan in plans
-                    ]
-                )
-            },
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent or scale.max_concurrent_trials,
-                reuse_actors=False,
-                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
-            ),
-            run_config=tune.RunConfig(
-                name=experiment_name,
-                storage_path=str(workspace.ray_results),
-                stop=TargetStopper(),
-                callbacks=[RecordingCallback(recorder, progress)],
-                verbose=0,
-            ),
-        )
+        trainable = tune.with_resources(train_one, trial_resources)
+        if resume_run_id:
+            tuner = tune.Tuner.restore(
+                str(experiment_path),
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+            )
+        else:
+            tuner = _new_tuner(
+                trainable,
+                spec,
+                scale,
+                run,
+                plans,
+                resources,
+                workspace,
+                max_concurrent,
+                RecordingCallback(recorder, Progress(plans, units)),
+            )
         tuner.fit()
         status = RunStatus.FINISHED
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
     finally:
+        # A fresh connection reads what the callback wrote in this process.
+        final = StudyRecorder(
+            workspace.tracking_uri,
+            workspace.optuna_storage,
+            experiment_id,
+            parent_run_id,
+            run,
+            plans,
+            units,
+        )
+        unfinished = final.unfinished_keys()
+        if status == RunStatus.FINISHED and unfinished:
+            status = RunStatus.KILLED
         client.set_terminated(parent_run_id, RunStatus.to_string(status))
         if started_ray:
             ray.shutdown()
 
     end_states = {
-        key: record.last_result.get("end_state", "failed")
-        for key, record in recorder.records.items()
+        key: record.end_state
+        for key, record in final.records.items()
         if record.finished
     }
     return StudyRun(
@@ -289,4 +477,44 @@ def run_study(
         parent_run_id=parent_run_id,
         end_states=end_states,
         wall_seconds=time.perf_counter() - started,
+        unfinished=unfinished,
     )
+
+
+def _new_tuner(
+    trainable,
+    spec: StudySpec,
+    scale,
+    run: RunInfo,
+    plans: list[TrialPlan],
+    resources: dict[str, dict],
+    workspace: Workspace,
+    max_concurrent: int | None,
+    callback: RecordingCallback,
+) -> tune.Tuner:
+    grid = [
+        {**dataclasses.asdict(plan), "resources": resources[plan.label]}
+        for plan in plans
+    ]
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent or scale.max_concurrent_trials,
+            reuse_actors=False,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=run.experiment_name,
+            storage_path=str(workspace.ray_results),
+            stop=TargetStopper(),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=scale.keep_checkpoints),
+            verbose=0,
+        ),
+    )
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from trainers.schedules import SCHEDULES
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SCALES = ("smoke", "cpu", "paper")
+GRID_AXIS_NAMES = ("batch_size", "power", "lr_max", "seed")
 
 
 class StudyFileError(ValueError):
@@ -87,7 +96,16 @@ class Grid(Strict):
 class Training(Strict):
     """Fixed hyperparameters shared by every trial of one workload."""
 
-    optimizer: Literal["adampower"] = "adampower"
+    optimizer: Literal["adampower", "muonpower"] = "adampower"
+    """`adampower`, or `muonpower`: Muon on the transformer weight matrices and
+    AdamPower on embeddings, output layer, norms and biases."""
+    blockwise_lr: bool = False
+    """Per-block rates relative to the schedule: embedding x10, QK x8, FFN x6,
+    VO x4, everything else x1 (adampower only)."""
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
+    """Nesterov momentum of Muon under muonpower."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """`bf16` autocasts the forward pass; `fp16` also scales the loss."""
     schedule: str = "cos"
     warmup_steps: int = Field(default=0, ge=0)
     lr_min_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -110,6 +128,11 @@ class Training(Strict):
             raise ValueError(
                 f"schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"
             )
+        if self.blockwise_lr and self.optimizer != "adampower":
+            raise ValueError(
+                f"blockwise_lr is defined for adampower, not {self.optimizer}; "
+                "set optimizer: adampower or blockwise_lr: false"
+            )
         return self
 
 
@@ -131,6 +154,16 @@ class Resources(Strict):
     gpu: float = Field(default=0, ge=0)
 
 
+class FaultInjection(Strict):
+    """Make chosen trials diverge on purpose, to check how a study handles it."""
+
+    nan_loss_at_step: int = Field(ge=0)
+    """Replace the training loss with NaN at this optimizer step (0-based)."""
+    only: dict[str, float] = Field(default_factory=dict)
+    """Grid values a trial must have to be affected, e.g. {power: 1.4}; empty
+    means every trial."""
+
+
 class WorkloadStudy(Strict):
     """One workload's part of a scale: its grid, fixed settings and target."""
 
@@ -143,7 +176,22 @@ class WorkloadStudy(Strict):
     target: Target
     budget: Budget
     eval_every_steps: int = Field(default=10, ge=1)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    """Save the whole training state this often; None restarts a crashed trial
+    from step 0."""
+    fault_injection: FaultInjection | None = None
     resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _check_fault_injection(self) -> WorkloadStudy:
+        if self.fault_injection is not None:
+            unknown = sorted(set(self.fault_injection.only) - set(GRID_AXIS_NAMES))
+            if unknown:
+                raise ValueError(
+                    f"fault_injection.only names unknown axes {unknown}; "
+                    f"use {list(GRID_AXIS_NAMES)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_micro_batch(self) -> WorkloadStudy:
@@ -163,16 +211,91 @@ class WorkloadStudy(Strict):
         return self
 
 
+class ToyGrid(Strict):
+    """Axes of the toy noise model; every combination is one trial."""
+
+    noise_ratio: list[float] = Field(min_length=1)
+    """Noise-to-signal ratios sigma/mu of the uniform gradient distribution."""
+    power: list[float] = Field(min_length=1)
+    seed: list[int] = Field(default=[0], min_length=1)
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> ToyGrid:
+        for value in self.noise_ratio:
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"noise_ratio {value} is invalid; use a finite number > 0"
+                )
+        for value in self.power:
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"power {value} is invalid; use a finite number > 0")
+        return self
+
+    def size(self) -> int:
+        return len(self.noise_ratio) * len(self.power) * len(self.seed)
+
+
+class ToySimulation(Strict):
+    """AdamPower on one-dimensional uniform gradients, as in the toy example."""
+
+    steps: int = Field(default=10**6, ge=1)
+    """The step t at which the update u_t is measured."""
+    replicates: int = Field(default=256, ge=2)
+    """Independent simulations averaged per trial."""
+    mu: float = Field(default=1e-6, gt=0)
+    """Mean gradient, the signal."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+
+
+class ToyNoiseStudy(Strict):
+    """A workload entry that simulates the toy noise model instead of training."""
+
+    workload: Literal["toy_noise"]
+    grid: ToyGrid
+    simulation: ToySimulation = ToySimulation()
+    resources: Resources = Resources()
+
+
+def _entry_kind(entry: Any) -> str:
+    workload = entry.get("workload") if isinstance(entry, dict) else entry.workload
+    return ENTRY_TOY if workload == "toy_noise" else ENTRY_TRAINING
+
+
+ENTRY_TOY = "<toy entry>"
+ENTRY_TRAINING = "<training entry>"
+# A workload entry is a training entry unless it says `workload: toy_noise`.
+WorkloadEntry = Annotated[
+    Annotated[WorkloadStudy, Tag(ENTRY_TRAINING)]
+    | Annotated[ToyNoiseStudy, Tag(ENTRY_TOY)],
+    Discriminator(_entry_kind),
+]
+
+
 class Scale(Strict):
     description: str = ""
     max_concurrent_trials: int | None = Field(default=None, ge=1)
-    workloads: dict[str, WorkloadStudy] = Field(min_length=1)
+    """Trials running at once; None lets the cluster's free resources decide."""
+    max_failures: int = Field(default=2, ge=0)
+    """Retries of a crashed trial, each from its latest checkpoint."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept per trial; older ones are deleted."""
+    workloads: dict[str, WorkloadEntry] = Field(min_length=1)
 
 
 class StudySpec(Strict):
     name: str
     description: str = ""
     scales: dict[Literal["smoke", "cpu", "paper"], Scale] = Field(min_length=1)
+
+    def is_toy(self) -> bool:
+        """True when the study simulates the toy noise model instead of training."""
+        return any(
+            isinstance(entry, ToyNoiseStudy)
+            for scale in self.scales.values()
+            for entry in scale.workloads.values()
+        )
 
     def scale(self, name: str) -> Scale:
         if name not in self.scales:
@@ -186,7 +309,8 @@ class StudySpec(Strict):
 def _format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"Study file {source} is invalid:"]
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        parts = [p for p in item["loc"] if p not in (ENTRY_TOY, ENTRY_TRAINING)]
+        location = ".".join(str(part) for part in parts)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key; remove it or check its spelling"

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy
+import sqlalchemy.exc
 
 from study.spec import StudyFileError
 
@@ -55,6 +63,34 @@ class Workspace:
             data_cache=Path(data_cache or DEFAULT_DATA_CACHE).expanduser().resolve(),
         )
 
+    @contextlib.contextmanager
+    def store_setup_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock while creating the stores' tables.
+
+        Two `study run` processes that open a new workspace at the same moment
+        would otherwise both run MLflow's and Optuna's schema creation on the
+        same sqlite files, and one fails with "table already exists".
+        """
+        with (self.root / ".stores.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def open_stores(self):
+        """Return an MLflow client after creating both stores' tables under
+        `store_setup_lock`."""
+        from mlflow.tracking import MlflowClient
+
+        from study.recording import open_optuna_storage
+
+        with self.store_setup_lock():
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            client.search_experiments(max_results=1)
+            open_optuna_storage(self.optuna_storage)
+        return client
+
     @property
     def artifact_root(self) -> Path:
         return self.root / "mlartifacts"
@@ -66,3 +102,60 @@ class Workspace:
     @property
     def exports(self) -> Path:
         return self.root / "exports"
+
+
+STORE_CHECK_TIMEOUT_SEC = 10
+
+
+def _check_tracking_uri(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=STORE_CHECK_TIMEOUT_SEC):
+            return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise StudyFileError(
+            f"MLflow tracking server {uri} cannot be reached ({reason}); start it "
+            "(`mlflow server --host 127.0.0.1 --port PORT`) or pass another "
+            "--tracking-uri"
+        ) from None
+
+
+def _check_optuna_storage(url: str) -> None:
+    if url.startswith("sqlite"):
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+        raise StudyFileError(
+            f"Optuna storage URL {url!r} is invalid ({error}); pass a URL such as "
+            "postgresql+psycopg2://user@host:5432/db with --optuna-storage"
+        ) from None
+    except ModuleNotFoundError as error:
+        raise StudyFileError(
+            f"Optuna storage {url!r} needs the database driver module {error.name!r}; "
+            "install it (psycopg2-binary provides psycopg2, psycopg[binary] "
+            "provides psycopg)"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        raise StudyFileError(
+            f"Optuna storage {url} cannot be reached ({reason}); start the database "
+            "or pass another --optuna-storage"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def check_stores(tracking_uri: str | None, optuna_storage: str | None) -> None:
+    """Fail before anything is written when a remote tracking server or
+    database is down; None means the workspace's own sqlite file."""
+    if tracking_uri:
+        _check_tracking_uri(tracking_uri)
+    if optuna_storage:
+        _check_optuna_storage(optuna_storage)

@@ -40,6 +40,18 @@ class TrialConfig:
     """Examples per forward pass; None runs the whole batch at once."""
 
     optimizer: str = "adampower"
+    """`adampower`, or `muonpower` (Muon on the transformer weight matrices,
+    AdamPower on the rest); see `trainers.optimizers`."""
+
+    blockwise_lr: bool = False
+    """Scale each block's rate: embedding x10, QK x8, FFN x6, VO x4, others x1."""
+
+    muon_momentum: float = 0.95
+    """Nesterov momentum of the Muon groups of `muonpower`."""
+
+    precision: str = "fp32"
+    """`fp32`, `bf16` (autocast) or `fp16` (autocast and loss scaling)."""
+
     schedule: str = "cos"
     warmup_steps: int = 0
     lr_min_ratio: float = 0.1
@@ -54,6 +66,8 @@ class TrialConfig:
 
     eval_every_steps: int = 10
     log_every_steps: int = 1
+    checkpoint_every_steps: int | None = None
+    """Pass the whole training state to `report` this often; None never does."""
     target_metric: str = "val/loss"
     target_mode: str = "min"
     """`min` when lower is better (losses), `max` for accuracies."""

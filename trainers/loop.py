@@ -1,8 +1,17 @@
 """One training loop for every workload, run inside a Ray worker or a plain process.
 
-Order inside one optimizer step: accumulate micro-batches, check the loss and
-gradient norm are finite, clip the global norm once, apply the power and the
-base optimizer step (AdamPower does both), then advance the schedule.
+Order inside one optimizer step:
+
+1. accumulate micro-batches, under autocast for bf16 and fp16;
+2. unscale the gradients (fp16 only);
+3. check that the loss and the gradient norm are finite;
+4. clip the global norm once;
+5. apply the power and the base optimizer step (AdamPower does both);
+6. advance the schedule.
+
+Under fp16 a non-finite gradient with a finite loss is a loss-scale overflow.
+The step is then skipped and counted in `train/skipped_steps`, and the trial
+goes on.
 """
 
 from __future__ import annotations
@@ -19,15 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainers.checkpoint import capture_state, restore_state
 from trainers.config import TrialConfig
-from trainers.gradpower import AdamPower
+from trainers.optimizers import build_optimizer
+from trainers.precision import MixedPrecision
 from trainers.schedules import build_scheduler
 from trainers.workloads import get_workload_class
 from trainers.workloads.base import Workload
 
 logger = logging.getLogger(__name__)
 
-Report = Callable[[dict[str, Any]], None]
+# report(metrics) or, at checkpoint steps, report(metrics, checkpoint=state).
+Report = Callable[..., None]
 
 END_STATES = ("reached", "censored", "diverged", "failed")
 
@@ -51,42 +63,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: nn.Module, config: TrialConfig) -> AdamPower:
-    """AdamPower with weight decay on matrices only (not norms, biases or gains)."""
-    if config.optimizer != "adampower":
-        raise ValueError(
-            f"Unknown optimizer {config.optimizer!r}; this version supports 'adampower'"
-        )
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = AdamPower(
-        groups,
-        lr=config.lr_max,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        power=config.power,
-    )
-    logger.info(
-        "optimizer AdamPower power=%s lr_max=%s betas=(%s, %s) eps=%s: "
-        "%d decayed tensors (%d params, weight_decay=%s), %d not decayed (%d params)",
-        config.power,
-        config.lr_max,
-        config.beta1,
-        config.beta2,
-        config.eps,
-        len(decay),
-        sum(p.numel() for p in decay),
-        config.weight_decay,
-        len(no_decay),
-        sum(p.numel() for p in no_decay),
-    )
-    return optimizer
-
-
 def _micro_batch_size(config: TrialConfig) -> int:
     micro = config.micro_batch_size or config.batch_size
     if config.batch_size % micro != 0:
@@ -98,20 +74,26 @@ def _micro_batch_size(config: TrialConfig) -> int:
 
 
 def _accumulate_gradients(
-    workload: Workload, model: nn.Module, batch: Any, micro: int
+    workload: Workload,
+    model: nn.Module,
+    batch: Any,
+    micro: int,
+    precision: MixedPrecision,
 ) -> float:
     """Backpropagate the batch in micro-batches; return the batch's mean loss.
 
     Each micro-batch loss is divided by the number of micro-batches, so the
-    accumulated gradient equals the full-batch mean-loss gradient.
+    accumulated gradient equals the full-batch mean-loss gradient. The loss is
+    read back once per batch, so micro-batches queue on a GPU without a sync.
     """
     micro_batches = workload.split(batch, micro)
-    total = 0.0
+    total = torch.zeros((), device=precision.device)
     for micro_batch in micro_batches:
-        loss = workload.loss(model, micro_batch) / len(micro_batches)
-        loss.backward()
-        total += loss.item()
-    return total
+        with precision.autocast():
+            loss = workload.loss(model, micro_batch) / len(micro_batches)
+        precision.backward(loss)
+        total += loss.detach().float()
+    return total.item()
 
 
 def _gradient_norm(model: nn.Module, clip_norm: float | None) -> float:
@@ -127,12 +109,16 @@ def _gradient_norm(model: nn.Module, clip_norm: float | None) -> float:
     return norm
 
 
-def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
+def run_trial(
+    config: TrialConfig, report: Report, restore: dict[str, Any] | None = None
+) -> TrialOutcome:
     """Train until the target is met, the budget is spent or the loss diverges.
 
     `report` receives a metrics dict after every logged step; the last one it
-    receives carries `end_state`. The caller decides what reporting means
-    (Ray Tune, a log line, a list in a test).
+    receives carries `end_state`. Every `checkpoint_every_steps` it also gets
+    the training state as `checkpoint=`, which `restore` takes back to
+    continue with the same learning rate and the same next batch. The caller
+    decides what reporting means (Ray Tune, a log line, a list in a test).
     """
     torch.set_num_threads(max(1, config.threads))
     seed_everything(config.seed)
@@ -143,6 +129,7 @@ def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
     model = workload.build_model().to(device)
     model.train()
     optimizer = build_optimizer(model, config)
+    precision = MixedPrecision(config.precision, device)
     scheduler = build_scheduler(
         optimizer,
         schedule=config.schedule,
@@ -152,24 +139,36 @@ def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
         lr_min=config.lr_max * config.lr_min_ratio,
     )
     unit = workload.progress_unit
-    progress = 0
-    train_seconds = 0.0
-    eval_seconds = 0.0
+    counters = {"step": 0, "progress": 0, "train_seconds": 0.0, "eval_seconds": 0.0}
+    if restore is not None:
+        counters = restore_state(restore, model, optimizer, scheduler, precision.scaler)
+        logger.info("resumed from step %d", counters["step"])
+    progress = int(counters["progress"])
+    train_seconds = counters["train_seconds"]
+    eval_seconds = counters["eval_seconds"]
     metrics: dict[str, Any] = {}
+    skipped_steps = 0
 
-    for step in range(config.step_budget):
+    for step in range(int(counters["step"]), config.step_budget):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        # The schedule's rate, without the group's block-wise ratio.
+        first_group = optimizer.param_groups[0]
+        lr = first_group["lr"] / first_group.get("lr_ratio", 1.0)
         optimizer.zero_grad(set_to_none=True)
         batch = workload.train_batch(step)
-        train_loss = _accumulate_gradients(workload, model, batch, micro)
+        train_loss = _accumulate_gradients(workload, model, batch, micro, precision)
         if config.inject_nan_loss_at_step == step:
             train_loss = float("nan")
+        precision.unscale_(optimizer)
         grad_norm = _gradient_norm(model, config.clip_norm)
 
         metrics = {"step": step, "train/loss": train_loss, "train/lr": lr}
         metrics["train/grad_norm"] = grad_norm
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+        finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+        # Under fp16 a finite loss with non-finite gradients is a loss-scale
+        # overflow, not a divergence.
+        overflow = precision.scales_loss and math.isfinite(train_loss) and not finite
+        if not finite and not overflow:
             # The parameters keep the values of the last finite step.
             metrics["end_state"] = "diverged"
             report(metrics)
@@ -178,8 +177,20 @@ def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
             )
             return TrialOutcome("diverged", step, metrics)
 
-        optimizer.step()
+        if overflow:
+            precision.skip_step()
+            skipped_steps += 1
+            logger.info(
+                "skipped step %d: fp16 gradients overflowed, loss scale lowered to %g",
+                step,
+                precision.loss_scale,
+            )
+        else:
+            precision.step(optimizer)
         scheduler.step()
+        if precision.scales_loss:
+            metrics["train/loss_scale"] = precision.loss_scale
+            metrics["train/skipped_steps"] = skipped_steps
         progress += workload.progress_count(batch)
         train_seconds += time.perf_counter() - started
         steps_done = step + 1
@@ -192,7 +203,8 @@ def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
         if evaluate_now:
             eval_started = time.perf_counter()
             model.eval()
-            metrics.update(workload.evaluate(model))
+            with precision.autocast():
+                metrics.update(workload.evaluate(model))
             model.train()
             eval_seconds += time.perf_counter() - eval_started
             metrics["time/eval_sec"] = eval_seconds
@@ -213,7 +225,19 @@ def run_trial(config: TrialConfig, report: Report) -> TrialOutcome:
             metrics["end_state"] = "censored"
             report(metrics)
             return TrialOutcome("censored", steps_done, metrics)
-        if evaluate_now or steps_done % config.log_every_steps == 0:
+        every = config.checkpoint_every_steps
+        if every and steps_done % every == 0:
+            counters = {
+                "step": steps_done,
+                "progress": progress,
+                "train_seconds": train_seconds,
+                "eval_seconds": eval_seconds,
+            }
+            state = capture_state(
+                model, optimizer, scheduler, counters, precision.scaler
+            )
+            report(metrics, checkpoint=state)
+        elif evaluate_now or steps_done % config.log_every_steps == 0:
             report(metrics)
 
     raise RuntimeError("step_budget must be at least 1")

@@ -18,26 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    workspace = tmp_path_factory.mktemp("workspace")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            "batch_power_grid",
-            "--scale",
-            "smoke",
-            "--workspace",
-            str(workspace),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    return workspace, completed
+def smoke_run(smoke_study_run) -> tuple[Path, subprocess.CompletedProcess]:
+    return smoke_study_run
 
 
 def _grid_sizes() -> dict[str, int]:

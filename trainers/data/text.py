@@ -523,6 +523,55 @@ def prepare_token_shards(
     return shards
 
 
+def write_token_shards(
+    directory: Path | str,
+    train: np.ndarray,
+    validation: np.ndarray,
+    *,
+    vocab_size: int,
+    eos_id: int,
+) -> TokenShards:
+    """Write packed token ids as shards in ``directory`` and return them loaded.
+
+    For token streams made outside `prepare_token_shards`, such as the random
+    tokens of a throughput benchmark. ``directory`` is created and its shard
+    files are overwritten.
+
+    Raises ValueError when a split is empty or an id is outside
+    0..vocab_size - 1.
+    """
+    directory = Path(directory)
+    dtype = token_dtype(vocab_size)
+    counts = {}
+    for split, tokens in (("train", train), ("validation", validation)):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError(
+                f"the {split} tokens must be a non-empty 1-D array, got shape "
+                f"{tokens.shape}"
+            )
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(
+                f"the {split} tokens contain ids outside 0..{vocab_size - 1}"
+            )
+        counts[split] = len(tokens)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.asarray(train).astype(dtype).tofile(directory / _SPLIT_FILES["train"])
+    np.asarray(validation).astype(dtype).tofile(directory / _SPLIT_FILES["validation"])
+    meta = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "model_vocab_size": padded_vocab_size(vocab_size),
+        "dtype": dtype,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["validation"],
+        "eos_id": eos_id,
+        "source": {"kind": "arrays"},
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return TokenShards.load(directory)
+
+
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:

@@ -47,6 +47,19 @@ CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
 CROP_PADDING = 4
 # Seed-sequence tags that keep the epoch permutations and the augmentation draws of
 # one seed independent of each other.
@@ -242,6 +255,76 @@ def load_image_dataset(
             f"unknown image dataset {name!r}, expected 'fashion_mnist' or 'cifar10'"
         )
     return images, labels
+
+
+def write_cifar10_folder(
+    root: Path | str,
+    train_images: np.ndarray,
+    train_labels: Sequence[int],
+    test_images: np.ndarray,
+    test_labels: Sequence[int],
+) -> Path:
+    """Write images in the layout of the official CIFAR-10 python archive.
+
+    Creates ``root/cifar-10-batches-py`` with ``data_batch_1`` to ``data_batch_5``
+    (the training images split in order), ``test_batch`` and ``batches.meta``.
+    Each batch is a pickled dict whose ``data`` is a uint8 array of rows of 3072
+    bytes (the red, green and blue 32x32 planes) and whose ``labels`` is a list of
+    ints. Images are uint8 arrays [N, 3, 32, 32]. Returns the folder, which
+    `load_image_dataset` reads with ``root``. Meant for synthetic data
+    (benchmarks) and small test sets.
+    """
+    folder = Path(root, CIFAR10.base_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for images, labels in ((train_images, train_labels), (test_images, test_labels)):
+        if images.dtype != np.uint8 or images.shape[1:] != (3, 32, 32):
+            raise ValueError(
+                f"CIFAR-10 images must be uint8 [N, 3, 32, 32], got {images.dtype} "
+                f"{images.shape}"
+            )
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{len(images)} images but {len(labels)} labels; give one label "
+                "per image"
+            )
+    train_labels = [int(label) for label in train_labels]
+    splits = np.array_split(np.arange(len(train_images)), len(CIFAR10.train_list))
+    for number, ((name, _), indices) in enumerate(
+        zip(CIFAR10.train_list, splits), start=1
+    ):
+        _write_cifar_batch(
+            folder / name,
+            train_images[indices],
+            [train_labels[index] for index in indices],
+            f"training batch {number} of {len(splits)}",
+        )
+    _write_cifar_batch(
+        folder / CIFAR10.test_list[0][0],
+        test_images,
+        [int(label) for label in test_labels],
+        "testing batch 1 of 1",
+    )
+    meta = {
+        "num_cases_per_batch": len(splits[0]),
+        "label_names": list(CIFAR10_CLASSES),
+        "num_vis": 3 * 32 * 32,
+    }
+    with open(folder / CIFAR10.meta["filename"], "wb") as file:
+        pickle.dump(meta, file, protocol=2)
+    return folder
+
+
+def _write_cifar_batch(
+    path: Path, images: np.ndarray, labels: list[int], batch_label: str
+) -> None:
+    content = {
+        "batch_label": batch_label,
+        "labels": labels,
+        "data": np.ascontiguousarray(images).reshape(len(images), 3 * 32 * 32),
+        "filenames": [f"image_{index:05d}.png" for index in range(len(images))],
+    }
+    with open(path, "wb") as file:
+        pickle.dump(content, file, protocol=2)
 
 
 # Batches

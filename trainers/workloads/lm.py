@@ -1,14 +1,39 @@
-"""Causal language modelling with a LLaMA model on packed token shards."""
+"""Causal language modelling with a LLaMA or Qwen2MoE decoder on packed tokens.
+
+Text sources (see `trainers.data.text`): C4 from local ``c4-*.json.gz`` shards
+or the Hugging Face hub, OpenWebText from the hub, the King James Bible, or
+any text files. The tokenizer is a byte-level BPE trained on the source or a
+pretrained one, such as T5's (32100 tokens, padded to 32128 embedding rows)
+or GPT-2's (50257 tokens, padded to 50304).
+
+Documents are packed: each one is followed by an EOS token and all of them
+are concatenated into one token stream, from which training windows of
+``seq_len + 1`` tokens start at random offsets. A window may therefore span a
+document boundary, and the EOS token marks it. Packing spends no compute on
+padding and keeps every position a real next-token target, while truncating
+each document to ``seq_len`` would drop the tails of long documents and pad
+the short ones.
+
+The model is chosen by ``model: {family: llama | qwen2moe, preset: NAME}``
+(family defaults to llama). The vocabulary size comes from the tokenizer.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 from trainers.data.text import (
     TextSource,
@@ -19,16 +44,44 @@ from trainers.data.text import (
 )
 from trainers.workloads.base import Workload
 
-# Decoder shapes by preset name. The vocabulary size comes from the tokenizer.
-# `tiny` keeps tests fast on CPU and `cpu` is the embedded default study. `0.2b`
-# is about 200M parameters at the T5 vocabulary of 32100 (151M in the blocks,
-# 49M in the untied embedding and output layer).
-# TODO: the paper's 66M, 0.4B, 1B and 2B presets, checked by parameter count.
+logger = logging.getLogger(__name__)
+
+# LLaMA decoder shapes by preset name. `tiny` keeps tests fast on CPU and `cpu`
+# is the embedded default study. The others are the GradPower paper's dense
+# models. Its Table 3 gives their total sizes, so the shapes here take
+# ffn = 4 * hidden and a head size of 64 (as in 0.2b, 768/3072/12 heads) and the
+# depth that brings the count closest. At the T5 vocabulary of 32100 with an
+# untied output layer they have 66.4M, 200.3M, 401.3M, 1004.7M and 2010.6M
+# parameters, against the table's 66M, 200M, 400M, 1004M and 1994M.
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
     "cpu": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 172},
+    "66m": {"hidden": 512, "layers": 8, "heads": 8, "ffn": 2048},
     "0.2b": {"hidden": 768, "layers": 16, "heads": 12, "ffn": 3072},
+    "0.4b": {"hidden": 1024, "layers": 20, "heads": 16, "ffn": 4096},
+    "1b": {"hidden": 1536, "layers": 24, "heads": 24, "ffn": 6144},
+    "2b": {"hidden": 2048, "layers": 28, "heads": 32, "ffn": 8192},
 }
+
+# Qwen2MoE shapes from the GradPower paper's Table 4 (d_model, d_FF, heads,
+# depth, experts), with 4 experts active per token and sliding-window attention
+# off. Each routed expert is a SwiGLU of width ffn / 4 and the always-on shared
+# expert one of width ffn. This split reproduces the table's counts at the T5
+# vocabulary of 32100: 502.5M total and 247.7M active (table: 502M, 247M),
+# 1040.6M and 297.5M (1040M, 297M), 1945.4M and 536.1M (1945M, 536M).
+QWEN2MOE_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "experts": 8},
+    "0.5b": {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "experts": 16},
+    "1b": {"hidden": 768, "layers": 15, "heads": 12, "ffn": 3072, "experts": 32},
+    "2b": {"hidden": 1024, "layers": 16, "heads": 16, "ffn": 4096, "experts": 32},
+}
+QWEN2MOE_ACTIVE_EXPERTS = 4
+# The load-balancing loss is added to the training loss with this weight
+# (transformers' default router_aux_loss_coef). Validation loss leaves it out.
+QWEN2MOE_ROUTER_AUX_LOSS_COEF = 0.001
+
+MODEL_FAMILIES = ("llama", "qwen2moe")
+_MODEL_KEYS = frozenset({"family", "preset"})
 
 DEFAULT_DATA: dict[str, Any] = {
     "source": "bible",
@@ -46,7 +99,7 @@ def build_llama(preset: str, vocab_size: int, seq_len: int) -> LlamaForCausalLM:
     """Build an untied LLaMA decoder (RoPE, SwiGLU, RMSNorm) from a preset name."""
     if preset not in LLAMA_PRESETS:
         raise ValueError(
-            f"Unknown LLaMA preset {preset!r}; choose one of {sorted(LLAMA_PRESETS)}"
+            f"Unknown LLaMA preset {preset!r}; choose one of {list(LLAMA_PRESETS)}"
         )
     shape = LLAMA_PRESETS[preset]
     config = LlamaConfig(
@@ -61,6 +114,90 @@ def build_llama(preset: str, vocab_size: int, seq_len: int) -> LlamaForCausalLM:
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config)
+
+
+def build_qwen2moe(preset: str, vocab_size: int, seq_len: int) -> Qwen2MoeForCausalLM:
+    """Build an untied Qwen2MoE decoder from a preset name.
+
+    Every layer is a mixture-of-experts layer with a gated shared expert, the
+    router picks `QWEN2MOE_ACTIVE_EXPERTS` experts per token, and the model
+    returns the router's load-balancing loss as ``aux_loss``.
+    """
+    if preset not in QWEN2MOE_PRESETS:
+        raise ValueError(
+            f"Unknown Qwen2MoE preset {preset!r}; choose one of "
+            f"{list(QWEN2MOE_PRESETS)}"
+        )
+    shape = QWEN2MOE_PRESETS[preset]
+    config = Qwen2MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        moe_intermediate_size=shape["ffn"] // 4,
+        shared_expert_intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        num_experts=shape["experts"],
+        num_experts_per_tok=QWEN2MOE_ACTIVE_EXPERTS,
+        use_sliding_window=False,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+        output_router_logits=True,
+        router_aux_loss_coef=QWEN2MOE_ROUTER_AUX_LOSS_COEF,
+        attn_implementation="sdpa",
+    )
+    return Qwen2MoeForCausalLM(config)
+
+
+def build_language_model(
+    model: dict[str, Any], vocab_size: int, seq_len: int
+) -> PreTrainedModel:
+    """Build the decoder that the workload's ``model`` settings name.
+
+    ``model`` contains ``family`` (``llama`` by default, or ``qwen2moe``) and
+    ``preset`` (``cpu`` by default for llama). Wrap the call in
+    ``torch.device("meta")`` to count parameters without allocating them.
+    """
+    unknown = sorted(set(model) - _MODEL_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Unknown lm model settings {unknown}; valid settings are "
+            f"{sorted(_MODEL_KEYS)}"
+        )
+    family = model.get("family", "llama")
+    if family == "llama":
+        return build_llama(model.get("preset", "cpu"), vocab_size, seq_len)
+    if family == "qwen2moe":
+        if "preset" not in model:
+            raise ValueError(
+                f"The qwen2moe family needs a preset; choose one of "
+                f"{list(QWEN2MOE_PRESETS)}"
+            )
+        return build_qwen2moe(model["preset"], vocab_size, seq_len)
+    raise ValueError(
+        f"Unknown lm model family {family!r}; choose one of {list(MODEL_FAMILIES)}"
+    )
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Return the total parameters and those active for one token.
+
+    Active counts each MoE expert tensor at ``num_experts_per_tok /
+    num_experts`` of its size and every other tensor whole.
+    """
+    total = 0
+    active = 0
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_experts", None)
+    per_token = getattr(config, "num_experts_per_tok", None)
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if experts and ".experts." in name:
+            active += param.numel() * per_token // experts
+        else:
+            active += param.numel()
+    return {"total": total, "active": active}
 
 
 class LanguageModelWorkload(Workload):
@@ -102,8 +239,19 @@ class LanguageModelWorkload(Workload):
         return {**data, "shards_dir": str(shards.directory)}
 
     def build_model(self) -> nn.Module:
-        preset = self.config.model.get("preset", "cpu")
-        return build_llama(preset, self.shards.model_vocab_size, self.seq_len)
+        model = build_language_model(
+            self.config.model, self.shards.model_vocab_size, self.seq_len
+        )
+        counts = count_parameters(model)
+        logger.info(
+            "model %s %s: %.1fM parameters, %.1fM active per token, vocab %d",
+            self.config.model.get("family", "llama"),
+            self.config.model.get("preset", "cpu"),
+            counts["total"] / 1e6,
+            counts["active"] / 1e6,
+            self.shards.model_vocab_size,
+        )
+        return model
 
     def train_batch(self, step: int) -> torch.Tensor:
         return self.batches.train_batch(step, self.config.batch_size)
@@ -112,12 +260,19 @@ class LanguageModelWorkload(Workload):
         return list(batch.split(micro_batch_size))
 
     def loss(self, model: nn.Module, micro_batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss in nats, plus the router's weighted load-balancing
+        loss for MoE models."""
         tokens = micro_batch.to(self.device, non_blocking=True)
-        logits = model(input_ids=tokens[:, :-1]).logits
+        outputs = model(input_ids=tokens[:, :-1])
+        logits = outputs.logits
         targets = tokens[:, 1:]
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
         )
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + model.config.router_aux_loss_coef * aux_loss.float()
+        return loss
 
     def progress_count(self, batch: torch.Tensor) -> int:
         return batch.size(0) * (batch.size(1) - 1)

@@ -1,0 +1,257 @@
+"""Tables in Markdown, CSV, LaTeX and HTML from hand-built analyses."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.analysis import AnalysisOptions, analyze_run
+from study.export import (
+    build_table,
+    export_tables,
+    log_artifacts,
+    power_table,
+    read_markdown_table,
+    summary_text,
+    to_html_table,
+    to_latex,
+    to_markdown,
+)
+from tests.study.test_analysis import ended, make_run, reached
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> tuple[MlflowClient, Path]:
+    """One MLflow store for the module, since creating its tables takes seconds."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"), root
+
+
+@pytest.fixture
+def analysis():
+    rows = [
+        reached(8, 1.0, 40, seed=0, val_loss=3.41),
+        reached(8, 1.0, 44, seed=1, val_loss=3.43),
+        reached(8, 1.2, 30, seed=0, val_loss=3.40),
+        reached(8, 1.2, 34, seed=1, val_loss=3.42),
+        reached(8, 1.4, 50, seed=0, val_loss=3.44),
+        reached(8, 1.4, 52, seed=1, val_loss=3.46),
+        reached(16, 1.0, 20, seed=0, val_loss=3.45),
+        reached(16, 1.0, 22, seed=1, val_loss=3.47),
+        reached(16, 1.2, 26, seed=0, val_loss=3.44),
+        ended(16, 1.2, "censored", seed=1, val_loss=3.6),
+        ended(16, 1.4, "censored", seed=0, val_loss=3.7),
+        ended(16, 1.4, "diverged", seed=1, val_loss=None),
+    ]
+    return analyze_run(
+        make_run(rows, budget=100), AnalysisOptions(bootstrap_samples=200)
+    )
+
+
+def test_table_cells_best_and_censored(analysis):
+    table = power_table(analysis)
+    assert list(table.columns) == ["batch_size", "p=1", "p=1.2", "p=1.4", "best_power"]
+    row8 = table.set_index("batch_size").loc[8]
+    row16 = table.set_index("batch_size").loc[16]
+    assert row8["p=1.2"] == "32"
+    assert row8["best_power"] == "1.2"
+    # 26 and a censored seed: the median is at least (26 + 100) / 2.
+    assert row16["p=1.2"] == ">63"
+    assert row16["p=1.4"] == ">100"
+    assert row16["best_power"] == "1"
+
+
+def test_markdown_round_trip_pandas(analysis):
+    table = build_table(analysis)
+    text = to_markdown(table)
+    assert "| **32** |" in text
+    assert "| **21** |" in text
+    assert text.count("**") == 4
+
+    parsed = read_markdown_table(text)
+    pd.testing.assert_frame_equal(parsed, table.frame())
+
+    lines = [line for i, line in enumerate(text.splitlines()) if i != 1]
+    plain = pd.read_csv(
+        io.StringIO("\n".join(lines).replace("**", "")),
+        sep="|",
+        skipinitialspace=True,
+        dtype=str,
+    )
+    plain = plain.drop(columns=[c for c in plain.columns if c.startswith("Unnamed")])
+    plain.columns = [c.strip() for c in plain.columns]
+    plain = plain.apply(lambda column: column.str.strip())
+    expected = table.frame().astype(str)
+    assert plain.to_dict("list") == expected.to_dict("list")
+
+
+def test_csv_round_trip(analysis, tmp_path):
+    paths = export_tables(analysis, tmp_path, formats=("csv",))
+    frame = pd.read_csv(paths["csv"], dtype=str)
+    assert frame.to_dict("list") == power_table(analysis).astype(str).to_dict("list")
+
+
+def test_spread_shows_sd(analysis):
+    table = build_table(analysis, "steps", spread=True)
+    assert table.cells[8][1.2].text == "32 ± 2.8"
+    assert table.cells[16][1.0].text == "21 ± 1.4"
+    # A censored cell has a bound and no sd.
+    assert table.cells[16][1.2].text == ">63"
+
+
+def test_final_loss_marks_unreached(analysis):
+    table = build_table(analysis, "final_loss")
+    assert table.cells[8][1.2].text == "3.4100"
+    assert table.cells[16][1.2].text.endswith("†")
+    assert table.best[8] == 1.2
+    # 3.46 at p=1 beats the median 3.52 of 3.44 and a censored 3.6 at p=1.2.
+    assert table.best[16] == 1.0
+
+
+def test_time_metric_must_match_analysis(analysis):
+    with pytest.raises(ValueError, match="needs an analysis with metric 'seconds'"):
+        build_table(analysis, "seconds")
+
+
+def test_latex_structure(analysis):
+    table = build_table(analysis)
+    text = to_latex(table, "tab:test")
+    lines = text.splitlines()
+    order = [
+        r"\begin{table}",
+        r"\begin{tabular}{rrrr}",
+        r"\toprule",
+        r"\midrule",
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    positions = [next(i for i, l in enumerate(lines) if s in l) for s in order]
+    assert positions == sorted(positions)
+
+    body = lines[positions[3] + 1 : positions[4]]
+    assert len(body) == 2
+    for line in body:
+        assert line.count("&") == 3
+        assert line.rstrip().endswith(r"\\")
+        assert line.count(r"\textbf{") == 1
+    assert r"\textbf{32}" in body[0]
+    assert "$>$63" in body[1]
+    assert r"batch\_power\_grid" in text
+    assert r"\label{tab:test}" in text
+
+    # Only booktabs beyond plain LaTeX.
+    commands = set(re.findall(r"\\([a-zA-Z]+)", text))
+    assert commands <= {
+        "begin", "end", "centering", "caption", "label", "toprule", "midrule",
+        "bottomrule", "cmidrule", "multicolumn", "textbf", "le", "ge", "pm", "dagger",
+        "usepackage",
+    }  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_compiles(analysis, tmp_path):
+    table = build_table(analysis, "final_loss", spread=True)
+    document = (
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+        + to_latex(table, "tab:test")
+        + to_latex(build_table(analysis), "tab:steps")
+        + "\\end{document}\n"
+    )
+    (tmp_path / "table.tex").write_text(document)
+    completed = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert (tmp_path / "table.pdf").stat().st_size > 1000
+
+
+class _TableParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.strong_rows: set[int] = set()
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+        elif tag == "strong":
+            self.strong_rows.add(len(self.rows) - 1)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def test_html_table_cells(analysis):
+    parser = _TableParser()
+    parser.feed(to_html_table(build_table(analysis)))
+    assert parser.rows[0] == ["batch size", "p = 1", "p = 1.2", "p = 1.4"]
+    assert parser.rows[1] == ["8", "42", "32", "51"]
+    assert parser.rows[2] == ["16", "21", ">63", ">100"]
+    assert parser.strong_rows == {1, 2}
+
+
+def test_export_files_and_artifacts(analysis, mlflow_store, tmp_path):
+    paths = export_tables(
+        analysis, tmp_path / "exports", formats=("md", "csv", "latex", "html")
+    )
+    assert {p.suffix for p in paths.values()} == {".md", ".csv", ".tex", ".html"}
+    assert all(p.parent == tmp_path / "exports" for p in paths.values())
+    assert paths["md"].name == "batch_power_grid-smoke-lm-r1.md"
+    spread = export_tables(analysis, tmp_path, formats=("md",), spread=True)
+    assert spread["md"].name == "batch_power_grid-smoke-lm-r1-spread.md"
+
+    client, root = mlflow_store
+    (root / "artifacts").mkdir()
+    experiment = client.create_experiment(
+        "exports", artifact_location=(root / "artifacts").as_uri()
+    )
+    parent = client.create_run(experiment).info.run_id
+    assert log_artifacts(client, parent, list(paths.values()), "exports")
+    logged = {a.path for a in client.list_artifacts(parent, "exports")}
+    assert logged == {f"exports/{p.name}" for p in paths.values()}
+    assert not log_artifacts(client, None, list(paths.values()), "exports")
+
+
+def test_artifacts_skipped_when_location_missing(analysis, mlflow_store, tmp_path):
+    paths = export_tables(analysis, tmp_path, formats=("md",))
+    client, _ = mlflow_store
+    moved = tmp_path / "moved-away"
+    experiment = client.create_experiment("moved", artifact_location=moved.as_uri())
+    parent = client.create_run(experiment).info.run_id
+    assert not log_artifacts(client, parent, list(paths.values()), "exports")
+    assert not moved.exists()
+
+
+def test_summary_states_counts_and_fits(analysis):
+    text = summary_text(analysis)
+    assert (
+        "trials: 12 recorded, 9 reached (used), 2 censored (lower bounds), "
+        "1 excluded (1 diverged, 0 failed)"
+    ) in text
+    assert "90% bootstrap CIs over seeds, 200 resamples, seed 0" in text
+    assert "linear trend: p* =" in text
+    assert "noise-scale trend: p* =" in text
+    assert "note: 2 batch sizes" in text

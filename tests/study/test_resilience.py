@@ -1,0 +1,237 @@
+"""Studies survive a killed driver, a killed worker, divergence and concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.analysis import analyze_run, load_runs
+from tests.study.resilience_support import (
+    child_runs,
+    descendants,
+    kill_all,
+    optuna_trials,
+    study_command,
+    wait_for_line,
+    write_study,
+)
+from trainers.config import TrialConfig
+from trainers.loop import run_trial
+
+pytestmark = pytest.mark.slow
+
+FOUR_POWERS = {"batch_size": [4], "power": [0.8, 1.0, 1.2, 1.4], "lr_max": [0.01]}
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        study_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_killed_driver_resumes_exactly_once(tmp_path):
+    path = write_study(
+        tmp_path,
+        "kill_driver",
+        FOUR_POWERS,
+        steps=60,
+        scale={"max_concurrent_trials": 1},
+    )
+    workspace = tmp_path / "ws"
+    log = tmp_path / "run.log"
+    with log.open("w") as output:
+        driver = subprocess.Popen(
+            study_command(
+                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
+            ),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_line(driver, log, "[2 done", timeout=300)
+        below = descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_all(descendants(driver.pid) + (below if "below" in locals() else []))
+
+    before = {
+        run.data.tags["trial_key"]: run for run in child_runs(workspace, "kill_driver")
+    }
+    finished_before = {
+        key: run.info.run_id
+        for key, run in before.items()
+        if run.data.tags["end_state"] != "running"
+    }
+    assert len(finished_before) >= 2
+
+    resumed = _run(
+        ["resume", str(path), "--scale", "smoke", "--workspace", str(workspace)]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    after = child_runs(workspace, "kill_driver")
+    keys = [run.data.tags["trial_key"] for run in after]
+    assert len(after) == 4
+    assert len(set(keys)) == 4
+    by_key = {run.data.tags["trial_key"]: run for run in after}
+    for key, run_id in finished_before.items():
+        assert by_key[key].info.run_id == run_id
+    for run in after:
+        assert run.data.tags["end_state"] == "censored"
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    for run in after:
+        steps = [
+            m.step for m in client.get_metric_history(run.info.run_id, "train/loss")
+        ]
+        assert len(steps) == len(set(steps)), run.data.tags["trial_key"]
+    trials = optuna_trials(workspace, "kill_driver")
+    assert sorted(t.user_attrs["trial_key"] for t in trials) == sorted(keys)
+
+
+def _worker_pid(experiment_dir: Path, min_step: int) -> int | None:
+    for result_file in experiment_dir.glob("trial_*/result.json"):
+        for line in result_file.read_text().splitlines():
+            result = json.loads(line)
+            if result.get("step", 0) >= min_step:
+                return int(result["pid"])
+    return None
+
+
+def test_killed_worker_retries_from_checkpoint(tmp_path):
+    grid = {"batch_size": [8], "power": [1.0], "lr_max": [0.01]}
+    path = write_study(
+        tmp_path,
+        "kill_worker",
+        grid,
+        steps=300,
+        scale={"max_failures": 2},
+        model={"preset": "cpu"},
+        checkpoint_every_steps=20,
+        eval_every_steps=50,
+    )
+    workspace = tmp_path / "ws"
+    log = tmp_path / "run.log"
+    with log.open("w") as output:
+        driver = subprocess.Popen(
+            study_command(
+                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
+            ),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        pid = None
+        while pid is None and time.monotonic() < deadline and driver.poll() is None:
+            for experiment_dir in (workspace / "ray_results").glob("kill_worker-*"):
+                pid = _worker_pid(experiment_dir, min_step=50)
+            time.sleep(0.05)
+        assert pid is not None, log.read_text()
+        os.kill(pid, signal.SIGKILL)
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        kill_all(descendants(driver.pid))
+        if driver.poll() is None:
+            driver.kill()
+    assert "retrying from its latest checkpoint" in log.read_text()
+
+    (run,) = child_runs(workspace, "kill_worker")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    logged = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")
+    }
+    assert sorted(logged) == list(range(1, 301))
+
+    # The same trial uninterrupted, in this process.
+    from study.grid import expand
+    from study.runner import prepare_data
+    from study.spec import load_study
+    from study.workspace import Workspace
+
+    spec = load_study(str(path))
+    prepared = prepare_data(spec, "smoke", Workspace.open(tmp_path / "plain"))
+    config = TrialConfig.from_dict(expand(spec.scale("smoke"), prepared)[0].config)
+    uninterrupted: dict[int, float] = {}
+    run_trial(
+        config,
+        lambda m, checkpoint=None: uninterrupted.setdefault(m["step"], m["train/lr"]),
+    )
+    assert logged == pytest.approx(uninterrupted, rel=1e-12, abs=0)
+
+
+def test_nan_trial_diverges_and_is_excluded(tmp_path):
+    grid = {"batch_size": [4, 8], "power": [1.0, 1.2], "lr_max": [0.01]}
+    path = write_study(
+        tmp_path,
+        "nan_trial",
+        grid,
+        steps=20,
+        fault_injection={
+            "nan_loss_at_step": 5,
+            "only": {"batch_size": 8, "power": 1.2},
+        },
+    )
+    workspace = tmp_path / "ws"
+    completed = _run(
+        ["run", str(path), "--scale", "smoke", "--workspace", str(workspace)]
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    states = {
+        r.data.tags["trial_key"]: r.data.tags["end_state"]
+        for r in child_runs(workspace, "nan_trial")
+    }
+    assert states.pop("lm/bs=8/p=1.2/lr=0.01/seed=0") == "diverged"
+    assert set(states.values()) == {"censored"}
+    (run,) = load_runs(f"sqlite:///{workspace / 'optuna.db'}", "nan_trial", "smoke")
+    analysis = analyze_run(run)
+    assert any(note.startswith("1 trial(s) excluded") for note in analysis.notes)
+    assert "1 trial(s) excluded" in completed.stdout
+
+
+def test_two_studies_share_a_workspace(tmp_path):
+    grid = {"batch_size": [2, 4], "power": [0.8, 1.0, 1.2, 1.4], "lr_max": [0.01]}
+    workspace = tmp_path / "ws"
+    paths = [
+        write_study(
+            tmp_path,
+            name,
+            grid,
+            steps=30,
+            resources={"cpu": 0.25},
+            checkpoint_every_steps=5,
+        )
+        for name in ("concurrent_a", "concurrent_b")
+    ]
+    processes = [
+        subprocess.Popen(
+            study_command(
+                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for path in paths
+    ]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert "database is locked" not in output
+    for name in ("concurrent_a", "concurrent_b"):
+        runs = child_runs(workspace, name)
+        assert len(runs) == 8
+        assert len({run.data.tags["trial_key"] for run in runs}) == 8
+        assert len(optuna_trials(workspace, name)) == 8
