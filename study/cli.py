@@ -324,7 +324,7 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         raise StudyFileError(
             f"--max-concurrent {max_concurrent} is invalid; use 1 or more"
         )
-    check_stores(args.tracking_uri, args.optuna_storage)
+    check_stores(args.tracking_uri, args.optuna_storage, args.ray_address)
     workspace = Workspace.open(
         args.workspace,
         args.tracking_uri,
@@ -332,20 +332,22 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         args.data_cache,
         create=not resume,
     )
+    if resume:
+        workspace.require_recorded()
 
     from study.runner import find_unfinished_run, run_study
 
     client = workspace.open_stores()
     run_id = getattr(args, "run_id", None)
     if resume and run_id is None:
-        run_id = find_unfinished_run(client, spec.name, args.scale)
+        run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
         if run_id is None:
             raise StudyFileError(
                 f"Workspace {workspace.root} holds no unfinished run of "
                 f"{spec.name} ({args.scale}); start one with `study run`"
             )
     elif not resume and not args.fresh:
-        run_id = find_unfinished_run(client, spec.name, args.scale)
+        run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
         if run_id is not None:
             print(
                 f"continuing unfinished run {run_id} of {spec.name} ({args.scale}); "
@@ -435,6 +437,26 @@ def command_resume(args: argparse.Namespace) -> int:
     return _run_or_resume(args, resume=True)
 
 
+def _check_train_overrides(args: argparse.Namespace) -> None:
+    """Reject invalid single-trial values before any data is prepared."""
+    import math
+
+    if args.power is not None and not (math.isfinite(args.power) and args.power > 0):
+        raise StudyFileError(
+            f"--power {args.power} is invalid; use a finite number > 0"
+        )
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise StudyFileError(
+            f"--batch-size {args.batch_size} is invalid; use 1 or more"
+        )
+    if args.lr_max is not None and not (math.isfinite(args.lr_max) and args.lr_max > 0):
+        raise StudyFileError(
+            f"--lr-max {args.lr_max} is invalid; use a finite number > 0"
+        )
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise StudyFileError(f"--seed {args.seed} is invalid; use 0 to 2**32 - 1")
+
+
 def command_train(args: argparse.Namespace) -> int:
     from study.grid import expand
     from study.runner import prepare_data
@@ -443,12 +465,18 @@ def command_train(args: argparse.Namespace) -> int:
 
     spec = load_study(args.name)
     scale = spec.scale(args.scale)
+    if spec.is_toy():
+        raise StudyFileError(
+            f"`study train` trains one grid point of a training study; {spec.name} "
+            f"simulates the toy model, so run it with `study run {spec.name}`"
+        )
     label = args.workload or next(iter(scale.workloads))
     if label not in scale.workloads:
         raise StudyFileError(
             f"Workload {label!r} is not in scale {args.scale}; choose one of "
             f"{sorted(scale.workloads)}"
         )
+    _check_train_overrides(args)
     workspace = Workspace.open(Path.cwd(), data_cache=args.data_cache, create=False)
     prepared = prepare_data(spec, args.scale, workspace, labels=[label])
     plan = expand(scale, prepared)[0]
@@ -461,14 +489,9 @@ def command_train(args: argparse.Namespace) -> int:
     config = TrialConfig.from_dict(
         {**plan.config, **{k: v for k, v in overrides.items() if v is not None}}
     )
-    if config.power <= 0:
-        raise StudyFileError(f"--power {config.power} is invalid; use a number > 0")
-    if config.batch_size <= 0:
-        raise StudyFileError(
-            f"--batch-size {config.batch_size} is invalid; use 1 or more"
-        )
 
-    def report(metrics: dict) -> None:
+    def report(metrics: dict, checkpoint: dict | None = None) -> None:
+        # A single trial keeps no checkpoints; only the metrics are printed.
         if "val/loss" in metrics or "end_state" in metrics:
             print(json.dumps(metrics, sort_keys=True), flush=True)
 
@@ -478,9 +501,11 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def _open_recorded_workspace(args: argparse.Namespace) -> Workspace:
-    return Workspace.open(
+    workspace = Workspace.open(
         args.workspace, args.tracking_uri, args.optuna_storage, create=False
     )
+    workspace.require_recorded()
+    return workspace
 
 
 def command_analyze(args: argparse.Namespace) -> int:

@@ -120,7 +120,7 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str) -> str:
+def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

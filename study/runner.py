@@ -111,7 +111,7 @@ class Progress:
         self.units = units
         self.running: set[str] = set()
         self.done: dict[str, str] = {}
-        self.best: dict[tuple[str, float], tuple[float, float]] = {}
+        self.best: dict[tuple[str, float], tuple] = {}
 
     def sync(self, end_states: dict[str, str]) -> None:
         """Count the trials that an earlier process of this run finished."""
@@ -145,9 +145,11 @@ class Progress:
         best_key = (plan.label, params["batch_size"])
         if state == "reached":
             detail = f"reached the target in {result['target/steps']} steps"
-            steps = int(result["target/steps"])
-            if best_key not in self.best or steps < self.best[best_key][0]:
-                self.best[best_key] = (steps, params["power"])
+            # The analysis breaks ties in steps by the validation loss at the
+            # step of reaching; the live line uses the same order.
+            rank = (int(result["target/steps"]), float(result.get("val/loss", 0.0)))
+            if best_key not in self.best or rank < self.best[best_key][0]:
+                self.best[best_key] = (rank, params["power"])
         elif state == "censored":
             detail = f"censored after {result.get('step', '?')} steps"
         else:
@@ -155,7 +157,7 @@ class Progress:
         best = self.best.get(best_key)
         if best is None:
             return detail, "at this batch size no trial reached the target"
-        return detail, f"at this batch size best p={best[1]:g} ({best[0]} steps)"
+        return detail, f"at this batch size best p={best[1]:g} ({best[0][0]} steps)"
 
     def _toy_detail(self, plan: TrialPlan, result: dict[str, Any]) -> tuple[str, str]:
         params = plan.params
@@ -300,14 +302,21 @@ def _start_ray(address: str | None) -> bool:
     return True
 
 
-def find_unfinished_run(client: MlflowClient, study: str, scale: str) -> str | None:
-    """The run id of the latest study run of (study, scale) that did not finish."""
+def find_unfinished_run(
+    client: MlflowClient, study: str, scale: str, workspace: Workspace
+) -> str | None:
+    """The run id of this workspace's latest run of (study, scale) that did not
+    finish. Runs that other workspaces recorded on a shared tracking server are
+    skipped, because their Tune experiments live in those workspaces."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return None
     parents = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
+        filter_string=(
+            f"tags.study = '{study}' and tags.scale = '{scale}' "
+            f"and tags.workspace = '{workspace.root}'"
+        ),
         order_by=["attributes.start_time DESC"],
         max_results=1000,
     )
@@ -338,12 +347,17 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, run: RunInfo) -> st
 
 
 def _create_parent_run(
-    client: MlflowClient, experiment_id: str, run: RunInfo, plans, scale
+    client: MlflowClient, experiment_id: str, run: RunInfo, plans, scale, workspace_root
 ) -> str:
     parent = client.create_run(
         experiment_id,
         run_name=run.experiment_name,
-        tags={"study": run.study, "scale": run.scale, "study_run_id": run.run_id},
+        tags={
+            "study": run.study,
+            "scale": run.scale,
+            "study_run_id": run.run_id,
+            "workspace": str(workspace_root),
+        },
     )
     parent_run_id = parent.info.run_id
     client.log_param(parent_run_id, "trials", len(plans))
@@ -387,15 +401,19 @@ def run_study(
     }
 
     client = workspace.open_stores()
+    # A tracking server keeps artifacts in its own store; a local database
+    # keeps them beside it in the workspace.
+    remote = workspace.tracking_uri.startswith(("http://", "https://"))
+    artifact_uri = None if remote else workspace.artifact_root.as_uri()
     with workspace.store_setup_lock():
-        experiment_id = ensure_experiment(
-            client, spec.name, workspace.artifact_root.as_uri()
-        )
+        experiment_id = ensure_experiment(client, spec.name, artifact_uri)
     if resume_run_id:
         parent_run_id = _parent_run_id(client, experiment_id, run)
         client.update_run(parent_run_id, status="RUNNING")
     else:
-        parent_run_id = _create_parent_run(client, experiment_id, run, plans, scale)
+        parent_run_id = _create_parent_run(
+            client, experiment_id, run, plans, scale, workspace.root
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recorder = StudyRecorder(
         workspace.tracking_uri,

@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     Tag,
     ValidationError,
     model_validator,
@@ -22,6 +23,8 @@ from trainers.schedules import SCHEDULES
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SCALES = ("smoke", "cpu", "paper")
 GRID_AXIS_NAMES = ("batch_size", "power", "lr_max", "seed")
+# Validation metrics each training workload reports, usable as targets.
+TARGET_METRICS = {"lm": ("val/loss",), "vision": ("val/loss", "val/accuracy")}
 
 
 class StudyFileError(ValueError):
@@ -35,7 +38,7 @@ class Strict(BaseModel):
 class Grid(Strict):
     """Axes of the grid; every combination is one trial."""
 
-    batch_size: list[int] = Field(min_length=1)
+    batch_size: list[StrictInt] = Field(min_length=1)
     """Examples (sequences or images) per optimizer step."""
 
     power: list[float] = Field(min_length=1)
@@ -44,7 +47,7 @@ class Grid(Strict):
     lr_max: list[float] | dict[int, list[float]] = Field(min_length=1)
     """Peak learning rates: one list for every batch size, or a list per batch size."""
 
-    seed: list[int] = Field(default=[0], min_length=1)
+    seed: list[StrictInt] = Field(default=[0], min_length=1)
 
     @model_validator(mode="after")
     def _check_axes(self) -> Grid:
@@ -282,6 +285,24 @@ class Scale(Strict):
     keep_checkpoints: int = Field(default=2, ge=1)
     """Checkpoints kept per trial; older ones are deleted."""
     workloads: dict[str, WorkloadEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_workloads(self) -> Scale:
+        for label, entry in self.workloads.items():
+            if isinstance(entry, ToyNoiseStudy):
+                continue
+            kind = entry.workload or label
+            if kind not in TARGET_METRICS:
+                raise ValueError(
+                    f"workload {label!r} has no type; name the entry lm or vision, "
+                    f"or set `workload: lm|vision|toy_noise` in it"
+                )
+            if entry.target.metric not in TARGET_METRICS[kind]:
+                raise ValueError(
+                    f"target metric {entry.target.metric!r} of workload {label!r} is "
+                    f"unknown; the {kind} workload reports {list(TARGET_METRICS[kind])}"
+                )
+        return self
 
 
 class StudySpec(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -38,6 +39,12 @@ class Workspace:
     ) -> Workspace:
         """Resolve the workspace; with `create`, make it and check it is writable."""
         path = Path(root).expanduser().resolve()
+        cache = Path(data_cache or DEFAULT_DATA_CACHE).expanduser().resolve()
+        if cache.exists() and not cache.is_dir():
+            raise StudyFileError(
+                f"Data cache {cache} is not a directory; pass a directory with "
+                "--data-cache DIR"
+            )
         if create:
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,7 @@ class Workspace:
             root=path,
             tracking_uri=tracking_uri or f"sqlite:///{path / 'mlflow.db'}",
             optuna_storage=optuna_storage or f"sqlite:///{path / 'optuna.db'}",
-            data_cache=Path(data_cache or DEFAULT_DATA_CACHE).expanduser().resolve(),
+            data_cache=cache,
         )
 
     @contextlib.contextmanager
@@ -91,6 +98,19 @@ class Workspace:
             open_optuna_storage(self.optuna_storage)
         return client
 
+    def require_recorded(self) -> None:
+        """Fail, creating nothing, when the workspace's own sqlite stores are missing."""
+        for uri in (self.tracking_uri, self.optuna_storage):
+            if (
+                uri.startswith("sqlite:///")
+                and not Path(uri[len("sqlite:///") :]).exists()
+            ):
+                raise StudyFileError(
+                    f"Workspace {self.root} holds no recorded runs "
+                    f"({uri[len('sqlite:///') :]} does not exist); run `study run` "
+                    "first or pass the right --workspace"
+                )
+
     @property
     def artifact_root(self) -> Path:
         return self.root / "mlartifacts"
@@ -107,7 +127,15 @@ class Workspace:
 STORE_CHECK_TIMEOUT_SEC = 10
 
 
+TRACKING_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "mssql")
+
+
 def _check_tracking_uri(uri: str) -> None:
+    if not uri.startswith(TRACKING_SCHEMES):
+        raise StudyFileError(
+            f"--tracking-uri {uri!r} is not supported; pass an MLflow tracking "
+            "server (http://host:port) or a database URI such as sqlite:///path.db"
+        )
     if not uri.startswith(("http://", "https://")):
         return
     url = uri.rstrip("/") + "/health"
@@ -127,17 +155,21 @@ def _check_optuna_storage(url: str) -> None:
     if url.startswith("sqlite"):
         return
     try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        shown = "<unparsable URL>"
+    try:
         engine = sqlalchemy.create_engine(url)
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError):
         raise StudyFileError(
-            f"Optuna storage URL {url!r} is invalid ({error}); pass a URL such as "
+            f"Optuna storage URL {shown!r} is invalid; pass a URL such as "
             "postgresql+psycopg2://user@host:5432/db with --optuna-storage"
         ) from None
     except ModuleNotFoundError as error:
         raise StudyFileError(
-            f"Optuna storage {url!r} needs the database driver module {error.name!r}; "
-            "install it (psycopg2-binary provides psycopg2, psycopg[binary] "
-            "provides psycopg)"
+            f"Optuna storage {shown!r} needs the database driver module "
+            f"{error.name!r}; install it (`pip install 'gradpower-study[postgres]'` "
+            "provides psycopg2 for postgresql+psycopg2:// URLs)"
         ) from None
     try:
         with engine.connect():
@@ -145,17 +177,41 @@ def _check_optuna_storage(url: str) -> None:
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
         raise StudyFileError(
-            f"Optuna storage {url} cannot be reached ({reason}); start the database "
-            "or pass another --optuna-storage"
+            f"Optuna storage {shown} cannot be reached ({reason}); start the "
+            "database or pass another --optuna-storage"
         ) from None
     finally:
         engine.dispose()
 
 
-def check_stores(tracking_uri: str | None, optuna_storage: str | None) -> None:
-    """Fail before anything is written when a remote tracking server or
-    database is down; None means the workspace's own sqlite file."""
+def _check_ray_address(address: str) -> None:
+    """Fail fast on a host:port where no Ray head listens; `auto` and ray://
+    addresses are left to Ray."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection(
+            (host, int(port)), timeout=STORE_CHECK_TIMEOUT_SEC
+        ):
+            return
+    except (OSError, ValueError) as error:
+        raise StudyFileError(
+            f"No Ray cluster answers at --ray-address {address} ({error}); start "
+            "one with `ray start --head` or leave the option out to run locally"
+        ) from None
+
+
+def check_stores(
+    tracking_uri: str | None,
+    optuna_storage: str | None,
+    ray_address: str | None = None,
+) -> None:
+    """Fail before anything is written when a remote tracking server, database
+    or Ray cluster is down; None means the workspace's own files or a local Ray."""
     if tracking_uri:
         _check_tracking_uri(tracking_uri)
     if optuna_storage:
         _check_optuna_storage(optuna_storage)
+    if ray_address:
+        _check_ray_address(ray_address)

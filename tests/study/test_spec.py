@@ -46,6 +46,8 @@ def test_bundled_studies_validate():
         ({"train.schedule": "linear"}, "schedule 'linear' is unknown"),
         ({"grid.colour": [1]}, "unknown key"),
         ({"grid.power": "fast"}, "grid.power"),
+        ({"grid.batch_size": [True, 8]}, "grid.batch_size"),
+        ({"target.metric": "val/lost"}, "target metric 'val/lost'"),
     ],
 )
 def test_spec_rejects_invalid_value(tmp_path, change, expected):
@@ -113,3 +115,61 @@ def test_cli_list_shows_scales():
     assert "batch_power_grid" in output
     for scale in ("smoke", "cpu", "paper"):
         assert scale in output
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["train", "batch_power_grid", "--scale", "smoke", "--power", "nan"],
+            "--power nan",
+        ),
+        (
+            ["train", "batch_power_grid", "--scale", "smoke", "--lr-max", "0"],
+            "--lr-max 0.0",
+        ),
+        (
+            ["train", "batch_power_grid", "--scale", "smoke", "--seed", "-1"],
+            "--seed -1",
+        ),
+        (
+            ["train", "toy_noise_regimes", "--scale", "smoke"],
+            "study run toy_noise_regimes",
+        ),
+    ],
+)
+def test_cli_train_rejects_before_data(argv, expected, capsys):
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_analyze_empty_workspace_writes_nothing(tmp_path, capsys):
+    code = main(["analyze", "batch_power_grid", "--workspace", str(tmp_path)])
+    assert code == 2
+    assert "holds no recorded runs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--tracking-uri", "garbage"], "--tracking-uri 'garbage' is not supported"),
+        (["--data-cache", "FILE"], "is not a directory"),
+    ],
+)
+def test_cli_bad_store_option_writes_nothing(tmp_path, capsys, option, expected):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    option = [str(blocker) if value == "FILE" else value for value in option]
+    workspace = tmp_path / "ws"
+    argv = [
+        "run",
+        "batch_power_grid",
+        "--scale",
+        "smoke",
+        "--workspace",
+        str(workspace),
+    ]
+    assert main(argv + option) == 2
+    assert expected in capsys.readouterr().err
+    assert not workspace.exists()
