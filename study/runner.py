@@ -305,9 +305,11 @@ def _start_ray(address: str | None) -> bool:
 def find_unfinished_run(
     client: MlflowClient, study: str, scale: str, workspace: Workspace
 ) -> str | None:
-    """The run id of this workspace's latest run of (study, scale) that did not
-    finish. Runs that other workspaces recorded on a shared tracking server are
-    skipped, because their Tune experiments live in those workspaces."""
+    """Return the run id of this workspace's latest unfinished run of a scale.
+
+    Runs that other workspaces recorded on a shared tracking server are
+    skipped, because their Tune experiments live in those workspaces.
+    """
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return None

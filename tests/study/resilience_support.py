@@ -54,6 +54,18 @@ def study_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "study.cli", *args]
 
 
+def start_study(path: Path, workspace: Path, log: Path) -> subprocess.Popen:
+    """Start `study run` on the smoke scale in the background, output to `log`."""
+    with log.open("w") as output:
+        return subprocess.Popen(
+            study_command(
+                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
+            ),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def child_runs(workspace: Path, study: str) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(study)

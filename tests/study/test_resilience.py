@@ -18,6 +18,7 @@ from tests.study.resilience_support import (
     descendants,
     kill_all,
     optuna_trials,
+    start_study,
     study_command,
     wait_for_line,
     write_study,
@@ -50,14 +51,7 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     )
     workspace = tmp_path / "ws"
     log = tmp_path / "run.log"
-    with log.open("w") as output:
-        driver = subprocess.Popen(
-            study_command(
-                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
-            ),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    driver = start_study(path, workspace, log)
     try:
         wait_for_line(driver, log, "[2 done", timeout=300)
         below = descendants(driver.pid)
@@ -123,14 +117,7 @@ def test_killed_worker_retries_from_checkpoint(tmp_path):
     )
     workspace = tmp_path / "ws"
     log = tmp_path / "run.log"
-    with log.open("w") as output:
-        driver = subprocess.Popen(
-            study_command(
-                "run", str(path), "--scale", "smoke", "--workspace", str(workspace)
-            ),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    driver = start_study(path, workspace, log)
     try:
         deadline = time.monotonic() + 300
         pid = None
