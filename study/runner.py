@@ -292,6 +292,9 @@ def _start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return False
+    # Ray 2.60 replaces 127.0.0.1 with the machine's address and listens on
+    # all interfaces unless this is 0; a local cluster must stay on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,

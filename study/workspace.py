@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,14 +140,28 @@ def _check_tracking_uri(uri: str) -> None:
         )
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(
+        parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        .geturl()
+        .rstrip("/")
+        + "/health"
+    )
+    shown = uri
+    if parts.username is not None:
+        # MLflow passes credentials in the URI as basic authentication.
+        token = base64.b64encode(
+            f"{parts.username}:{parts.password or ''}".encode()
+        ).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        shown = uri.replace(f":{parts.password}@", ":***@") if parts.password else uri
     try:
-        with urllib.request.urlopen(url, timeout=STORE_CHECK_TIMEOUT_SEC):
+        with urllib.request.urlopen(request, timeout=STORE_CHECK_TIMEOUT_SEC):
             return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise StudyFileError(
-            f"MLflow tracking server {uri} cannot be reached ({reason}); start it "
+            f"MLflow tracking server {shown} cannot be reached ({reason}); start it "
             "(`mlflow server --host 127.0.0.1 --port PORT`) or pass another "
             "--tracking-uri"
         ) from None

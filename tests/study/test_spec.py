@@ -155,6 +155,10 @@ def test_cli_analyze_empty_workspace_writes_nothing(tmp_path, capsys):
     [
         (["--tracking-uri", "garbage"], "--tracking-uri 'garbage' is not supported"),
         (["--data-cache", "FILE"], "is not a directory"),
+        (
+            ["--tracking-uri", "http://alice:s3cret@127.0.0.1:1"],
+            "alice:***@127.0.0.1:1",
+        ),
     ],
 )
 def test_cli_bad_store_option_writes_nothing(tmp_path, capsys, option, expected):
@@ -171,5 +175,7 @@ def test_cli_bad_store_option_writes_nothing(tmp_path, capsys, option, expected)
         str(workspace),
     ]
     assert main(argv + option) == 2
-    assert expected in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert expected in error
+    assert "s3cret" not in error
     assert not workspace.exists()
