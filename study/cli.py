@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--fresh",
         action="store_true",
-        help="start a new run even if the workspace holds an unfinished run of "
+        help="start a new run even if the workspace contains an unfinished run of "
         "this study and scale (default: continue that run)",
     )
 
@@ -343,7 +343,7 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
         if run_id is None:
             raise StudyFileError(
-                f"Workspace {workspace.root} holds no unfinished run of "
+                f"Workspace {workspace.root} contains no unfinished run of "
                 f"{spec.name} ({args.scale}); start one with `study run`"
             )
     elif not resume and not args.fresh:

@@ -6,10 +6,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from study.spec import GRID_AXIS_NAMES, Scale, ToyNoiseStudy, WorkloadStudy
+from study.spec import Scale, ToyNoiseStudy, WorkloadStudy
 from trainers.config import TrialConfig
-
-GRID_AXES = GRID_AXIS_NAMES
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def _trial_config(
 
 
 def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[TrialPlan]:
-    """All trials of a scale in a fixed order: workload, batch size, lr, power, seed.
+    """Return all trials of a scale in order of workload, batch size, lr, power, seed.
 
     `prepared_data` maps each workload label to the data settings that its
     workload's `prepare` returned; workloads missing from it are left out.

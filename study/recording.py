@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 END_STATES = ("reached", "censored", "diverged", "failed", "complete")
 # Numeric end-of-trial values copied from the last result into the records.
 SUMMARY_KEYS = ("step", "val/loss", "val/accuracy", "train/loss", "time/train_sec")
-# Metrics are buffered per trial and written in batches of this many values;
-# they are also written whenever the trial saves a checkpoint, so a resume
-# from that checkpoint never leaves a gap in the curves.
+# Metrics are buffered per trial and written in batches of this many values.
+# They are also written whenever the trial saves a checkpoint, so a resume
+# from that checkpoint leaves no gap in the curves.
 FLUSH_EVERY_METRICS = 200
 # MLflow caps one log_batch call at 1000 metrics.
 MLFLOW_BATCH_LIMIT = 1000
@@ -103,7 +103,7 @@ class TrialRecord:
 
 
 def end_state_of(result: dict[str, Any], errored: bool) -> str:
-    """The end state from a trial's last result: the loop's own verdict, else failed."""
+    """Return the end state in a trial's last result, else failed or censored."""
     state = result.get("end_state")
     if state in ("reached", "censored", "diverged", "complete"):
         return state
@@ -128,7 +128,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str | None)
 
 
 def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> dict:
-    """The end-of-trial attributes stored on the Optuna trial."""
+    """Build the end-of-trial attributes stored on the Optuna trial."""
     summary: dict[str, Any] = {
         "end_state": state,
         "trial_key": key,

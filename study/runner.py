@@ -15,8 +15,8 @@ from typing import Any
 # Ray Tune's legacy console output is silent at verbose=0; the progress lines
 # below replace its status tables. Set before Ray is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# Tune warns when saving its experiment state takes long on a busy machine;
-# the state is still saved, so the warning only adds noise to the progress.
+# Tune warns when saving its experiment state is slow on a busy machine. The
+# state is still saved, so the warning only adds noise to the progress lines.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import optuna

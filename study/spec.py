@@ -268,7 +268,7 @@ def _entry_kind(entry: Any) -> str:
 
 ENTRY_TOY = "<toy entry>"
 ENTRY_TRAINING = "<training entry>"
-# A workload entry is a training entry unless it says `workload: toy_noise`.
+# A workload entry is a training entry unless it sets `workload: toy_noise`.
 WorkloadEntry = Annotated[
     Annotated[WorkloadStudy, Tag(ENTRY_TRAINING)]
     | Annotated[ToyNoiseStudy, Tag(ENTRY_TOY)],

@@ -1,4 +1,4 @@
-"""Where a study's results live: MLflow and Optuna stores, Ray results, exports."""
+"""The workspace of a study: MLflow and Optuna stores, Ray results, exports."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class Workspace:
                 and not Path(uri[len("sqlite:///") :]).exists()
             ):
                 raise StudyFileError(
-                    f"Workspace {self.root} holds no recorded runs "
+                    f"Workspace {self.root} contains no recorded runs "
                     f"({uri[len('sqlite:///') :]} does not exist); run `study run` "
                     "first or pass the right --workspace"
                 )
@@ -213,7 +213,7 @@ def _check_ray_address(address: str) -> None:
             return
     except (OSError, ValueError) as error:
         raise StudyFileError(
-            f"No Ray cluster answers at --ray-address {address} ({error}); start "
+            f"No Ray cluster is reachable at --ray-address {address} ({error}); start "
             "one with `ray start --head` or leave the option out to run locally"
         ) from None
 

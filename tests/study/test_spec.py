@@ -146,7 +146,7 @@ def test_cli_train_rejects_before_data(argv, expected, capsys):
 def test_cli_analyze_empty_workspace_writes_nothing(tmp_path, capsys):
     code = main(["analyze", "batch_power_grid", "--workspace", str(tmp_path)])
     assert code == 2
-    assert "holds no recorded runs" in capsys.readouterr().err
+    assert "contains no recorded runs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
