@@ -95,6 +95,20 @@ def _add_analysis_options(
     )
 
 
+def _add_lr_from_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lr-from",
+        metavar="STUDY",
+        help="take each workload's lr_max per batch size from the latest recorded "
+        "run of this lr_tune study at the same scale in this workspace",
+    )
+    parser.add_argument(
+        "--lr-from-run",
+        metavar="RUN_ID",
+        help="with --lr-from: read this run of the tuning study instead of the latest",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="study",
@@ -123,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory for token shards and image folders shared by all workspaces "
         f"(default: {DEFAULT_DATA_CACHE})",
     )
+    _add_lr_from_options(run)
     run.add_argument(
         "--fresh",
         action="store_true",
@@ -140,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("--ray-address", help="join this Ray cluster")
     resume.add_argument("--data-cache", default=str(DEFAULT_DATA_CACHE))
+    _add_lr_from_options(resume)
 
     train = commands.add_parser(
         "train", help="run one grid point in this process, without Ray or recording"
@@ -316,6 +332,53 @@ def _analyze_and_export(
     return analyses
 
 
+def _check_lr_from(args: argparse.Namespace, spec) -> None:
+    """Reject --lr-from values that cannot work, before any store is opened."""
+    if args.lr_from_run and not args.lr_from:
+        raise StudyFileError(
+            f"--lr-from-run {args.lr_from_run} needs --lr-from STUDY, the tuning "
+            "study that run belongs to"
+        )
+    if not args.lr_from:
+        return
+    tuning = load_study(args.lr_from)
+    if tuning.name == spec.name:
+        raise StudyFileError(
+            f"--lr-from {args.lr_from} names the study being run; pass the tuning "
+            "study, such as lr_tune"
+        )
+    if tuning.analysis != "lr_tune":
+        raise StudyFileError(
+            f"--lr-from {args.lr_from}: study {tuning.name!r} has analysis "
+            f"{tuning.analysis!r}, not lr_tune; pass a learning-rate tuning study "
+            "such as lr_tune"
+        )
+    tuning.scale(args.scale)
+
+
+def _learning_rate_transfer(args, spec, workspace: Workspace, client, run_id):
+    """Return the --lr-from rates of this run: new ones, or the ones a continued
+    run started with. Raises StudyFileError when the two disagree."""
+    from study.lr_transfer import recorded_transfer, transfer_learning_rates
+
+    recorded = recorded_transfer(client, spec.name, run_id) if run_id else None
+    if not args.lr_from:
+        if recorded is not None:
+            print(f"run {run_id} took its learning rates from {recorded.source}")
+        return recorded
+    transfer = transfer_learning_rates(
+        workspace.optuna_storage, args.lr_from, spec, args.scale, args.lr_from_run
+    )
+    if run_id and (recorded is None or recorded.overrides != transfer.overrides):
+        started_with = recorded.source if recorded else "the study file's lr_max"
+        raise StudyFileError(
+            f"run {run_id} of {spec.name} started with {started_with}, not with the "
+            f"rates of {transfer.source}; continue it without --lr-from, or pass "
+            "--fresh to start a new run with the new rates"
+        )
+    return transfer
+
+
 def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
     spec = load_study(args.name)
     spec.scale(args.scale)
@@ -324,6 +387,7 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         raise StudyFileError(
             f"--max-concurrent {max_concurrent} is invalid; use 1 or more"
         )
+    _check_lr_from(args, spec)
     check_stores(args.tracking_uri, args.optuna_storage, args.ray_address)
     workspace = Workspace.open(
         args.workspace,
@@ -335,6 +399,7 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
     if resume:
         workspace.require_recorded()
 
+    from study.lr_transfer import apply_transfer
     from study.runner import find_unfinished_run, run_study
 
     client = workspace.open_stores()
@@ -354,6 +419,11 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
                 "pass --fresh to start a new run instead"
             )
 
+    transfer = _learning_rate_transfer(args, spec, workspace, client, run_id)
+    if transfer is not None:
+        spec = apply_transfer(spec, args.scale, transfer)
+        print("\n".join(transfer.describe()))
+
     result = run_study(
         spec,
         args.scale,
@@ -361,6 +431,7 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         ray_address=args.ray_address,
         max_concurrent=max_concurrent,
         resume_run_id=run_id,
+        parent_tags=transfer.tags() if transfer else None,
     )
     counts: dict[str, int] = {}
     for state in result.end_states.values():
@@ -380,10 +451,10 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         f"\nstudy {spec.name} ({args.scale}) finished in "
         f"{result.wall_seconds:.0f} s: {summary}"
     )
-    if spec.is_toy():
-        _analyze_toy(
+    if _analysis_kind(spec) != "power_trend":
+        _analyze_final_states(
             workspace,
-            spec.name,
+            spec,
             args.scale,
             result.run.run_id,
             client,
@@ -404,27 +475,52 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
     return 0
 
 
-def _analyze_toy(
+def _final_state_analysis(analysis_kind: str):
+    """Return (analyze, to_markdown, export) for the analyses that read final
+    states from Optuna: the toy model, comparisons and learning-rate tuning."""
+    if analysis_kind == "toy_noise":
+        from study.toy_analysis import analyze_toy, export_toy, toy_markdown
+
+        return analyze_toy, toy_markdown, export_toy
+    from study import compare_analysis
+
+    if analysis_kind == "lr_tune":
+        return (
+            compare_analysis.analyze_lr_tune,
+            compare_analysis.lr_tune_markdown,
+            compare_analysis.export_lr_tune,
+        )
+    return (
+        compare_analysis.analyze_compare,
+        compare_analysis.compare_markdown,
+        compare_analysis.export_compare,
+    )
+
+
+def _analysis_kind(spec) -> str:
+    return "toy_noise" if spec.is_toy() else spec.analysis
+
+
+def _analyze_final_states(
     workspace: Workspace,
-    study: str,
+    spec,
     scale: str,
     run_id,
     client=None,
     parent_run_id=None,
 ) -> None:
-    """Print and export the toy study's table, findings and plot."""
-    from study.toy_analysis import analyze_toy, export_toy, toy_markdown
-
-    for analysis in analyze_toy(workspace.optuna_storage, study, scale, run_id):
-        print(
-            f"\n{analysis.label}: update u_t by noise ratio and power, run {analysis.run_id}"
-        )
-        print(toy_markdown(analysis), end="")
-        for finding in analysis.findings:
+    """Print and export the tables, findings and plots of a toy, compare or
+    lr_tune study, and log the files on the run's MLflow parent run."""
+    analyze, to_markdown, export = _final_state_analysis(_analysis_kind(spec))
+    result = analyze(workspace.optuna_storage, spec.name, scale, run_id)
+    for analysis in result if isinstance(result, list) else [result]:
+        print(f"\n{spec.name} ({scale}), run {analysis.run_id}")
+        print(to_markdown(analysis), end="")
+        for finding in getattr(analysis, "findings", []):
             print(f"finding: {finding}")
-        paths = export_toy(analysis, workspace.exports)
-        print(f"tables and plot: {', '.join(str(p) for p in paths.values())}")
-        if client is not None:
+        paths = export(analysis, workspace.exports)
+        print(f"tables and plots: {', '.join(str(p) for p in paths.values())}")
+        if client is not None and parent_run_id is not None:
             for path in paths.values():
                 client.log_artifact(parent_run_id, str(path), "exports")
 
@@ -513,8 +609,8 @@ def command_analyze(args: argparse.Namespace) -> int:
 
     spec = load_study(args.name)
     workspace = _open_recorded_workspace(args)
-    if spec.is_toy():
-        _analyze_toy(workspace, spec.name, args.scale, args.run_id)
+    if _analysis_kind(spec) != "power_trend":
+        _analyze_final_states(workspace, spec, args.scale, args.run_id)
         return 0
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
@@ -535,6 +631,8 @@ def command_export(args: argparse.Namespace) -> int:
 
     spec = load_study(args.name)
     workspace = _open_recorded_workspace(args)
+    if _analysis_kind(spec) != "power_trend":
+        return _export_final_states(args, spec, workspace)
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
@@ -556,9 +654,28 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_final_states(args: argparse.Namespace, spec, workspace: Workspace) -> int:
+    """Write every table format and plot of a toy, compare or lr_tune study, and
+    log them on the MLflow parent run of the run they describe."""
+    client = _mlflow_client(workspace)
+    parent_run_id = None
+    if client is not None:
+        from study.runner import recorded_parent_run_id
+
+        parent_run_id = recorded_parent_run_id(
+            client, spec.name, args.scale, args.run_id
+        )
+    _analyze_final_states(
+        workspace, spec, args.scale, args.run_id, client, parent_run_id
+    )
+    return 0
+
+
 def command_report(args: argparse.Namespace) -> int:
     spec = load_study(args.name)
     workspace = _open_recorded_workspace(args)
+    if _analysis_kind(spec) != "power_trend":
+        return _export_final_states(args, spec, workspace)
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )

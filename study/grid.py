@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from study.spec import Scale, ToyNoiseStudy, WorkloadStudy
@@ -18,6 +19,9 @@ class TrialPlan:
     """The workload entry of the study file this trial belongs to."""
     params: dict[str, Any]
     config: dict[str, Any]
+    study_attrs: dict[str, Any] = field(default_factory=dict)
+    """Settings of the trial's workload entry that the analysis groups by,
+    stored on the entry's Optuna study."""
 
 
 def trial_key(label: str, params: dict[str, Any]) -> str:
@@ -36,13 +40,18 @@ def _trial_config(
     fault = entry.fault_injection
     if fault is not None and all(params[k] == v for k, v in fault.only.items()):
         train["inject_nan_loss_at_step"] = fault.nan_loss_at_step
+    target: dict[str, Any] = {"target_value": None}
+    if entry.target is not None:
+        target = {
+            "target_metric": entry.target.metric,
+            "target_value": entry.target.value,
+            "target_mode": entry.target.mode,
+        }
     return TrialConfig(
         workload=entry.workload or label,
         model=dict(entry.model),
         data=data,
-        target_metric=entry.target.metric,
-        target_value=entry.target.value,
-        target_mode=entry.target.mode,
+        **target,
         step_budget=entry.budget.steps,
         eval_every_steps=entry.eval_every_steps,
         checkpoint_every_steps=entry.checkpoint_every_steps,
@@ -52,11 +61,29 @@ def _trial_config(
     )
 
 
-def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[TrialPlan]:
+def _study_attrs(label: str, entry: WorkloadStudy, analysis: str) -> dict[str, Any]:
+    return {
+        "analysis": analysis,
+        "setting": entry.setting or label,
+        "series": entry.series,
+        "optimizer": entry.train.optimizer,
+        "blockwise_lr": entry.train.blockwise_lr,
+        "schedule": entry.train.schedule,
+        "model": json.dumps(entry.model, sort_keys=True),
+        "data": json.dumps(entry.data, sort_keys=True),
+    }
+
+
+def expand(
+    scale: Scale,
+    prepared_data: dict[str, dict[str, Any]],
+    analysis: str = "power_trend",
+) -> list[TrialPlan]:
     """Return all trials of a scale in order of workload, batch size, lr, power, seed.
 
     `prepared_data` maps each workload label to the data settings that its
     workload's `prepare` returned; workloads missing from it are left out.
+    `analysis` is the study's analysis kind, recorded with each entry.
     """
     plans: list[TrialPlan] = []
     for label, entry in scale.workloads.items():
@@ -66,6 +93,7 @@ def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[Trial
         if label not in prepared_data:
             continue
         lrs = entry.grid.lr_by_batch_size()
+        attrs = _study_attrs(label, entry, analysis)
         for batch_size in entry.grid.batch_size:
             points = itertools.product(
                 lrs[batch_size], entry.grid.power, entry.grid.seed
@@ -79,7 +107,13 @@ def expand(scale: Scale, prepared_data: dict[str, dict[str, Any]]) -> list[Trial
                 }
                 config = _trial_config(label, entry, prepared_data[label], params)
                 plans.append(
-                    TrialPlan(trial_key(label, params), label, params, config.to_dict())
+                    TrialPlan(
+                        trial_key(label, params),
+                        label,
+                        params,
+                        config.to_dict(),
+                        attrs,
+                    )
                 )
     return plans
 

@@ -26,10 +26,18 @@ from study.grid import TrialPlan
 
 logger = logging.getLogger(__name__)
 
-# `complete` is the end of a toy-model simulation, which has no target.
+# `complete` ends a trial that has no target: a toy-model simulation, or a
+# training run that used its whole budget for a final-loss comparison.
 END_STATES = ("reached", "censored", "diverged", "failed", "complete")
 # Numeric end-of-trial values copied from the last result into the records.
-SUMMARY_KEYS = ("step", "val/loss", "val/accuracy", "train/loss", "time/train_sec")
+SUMMARY_KEYS = (
+    "step",
+    "val/loss",
+    "val/accuracy",
+    "train/loss",
+    "time/train_sec",
+    "model/params",
+)
 # Metrics are buffered per trial and written in batches of this many values.
 # They are also written whenever the trial saves a checkpoint, so a resume
 # from that checkpoint leaves no gap in the curves.
@@ -194,7 +202,8 @@ class StudyRecorder:
 
     def _create_optuna_studies(self, storage) -> dict[str, optuna.Study]:
         studies = {}
-        for label in dict.fromkeys(plan.label for plan in self.plans.values()):
+        plan_attrs = {plan.label: plan.study_attrs for plan in self.plans.values()}
+        for label, entry_attrs in plan_attrs.items():
             config = next(p.config for p in self.plans.values() if p.label == label)
             toy = config["workload"] == "toy_noise"
             study = retry_when_locked(optuna.create_study)(
@@ -215,10 +224,12 @@ class StudyRecorder:
                 "mlflow_parent_run_id": self.parent_run_id,
             }
             if not toy:
-                attributes["target_metric"] = config["target_metric"]
-                attributes["target_value"] = config["target_value"]
-                attributes["target_mode"] = config["target_mode"]
+                if config["target_value"] is not None:
+                    attributes["target_metric"] = config["target_metric"]
+                    attributes["target_value"] = config["target_value"]
+                    attributes["target_mode"] = config["target_mode"]
                 attributes["budget_steps"] = config["step_budget"]
+                attributes.update(entry_attrs)
             for key, value in attributes.items():
                 if study.user_attrs.get(key) != value:
                     retry_when_locked(study.set_user_attr)(key, value)
@@ -420,5 +431,8 @@ def _objective_value(state: str, summary: dict[str, Any]) -> float | None:
     if state == "reached":
         return float(summary["steps_to_target"])
     if state == "complete":
-        return float(summary["toy_update_mean"])
+        # A toy simulation's objective is its update; a training run's is its
+        # final validation loss.
+        value = summary.get("toy_update_mean", summary.get("val_loss"))
+        return None if value is None else float(value)
     return None

@@ -123,8 +123,10 @@ class Progress:
     def finished(self, plan: TrialPlan, state: str, result: dict[str, Any]) -> None:
         self.running.discard(plan.key)
         self.done[plan.key] = state
-        if state == "complete":
+        if state == "complete" and "noise_ratio" in plan.params:
             detail, best_text = self._toy_detail(plan, result)
+        elif state == "complete":
+            detail, best_text = self._final_loss_detail(plan, result)
         else:
             detail, best_text = self._training_detail(plan, state, result)
         pending = self.total - len(self.done) - len(self.running)
@@ -158,6 +160,22 @@ class Progress:
         if best is None:
             return detail, "at this batch size no trial reached the target"
         return detail, f"at this batch size best p={best[1]:g} ({best[0][0]} steps)"
+
+    def _final_loss_detail(
+        self, plan: TrialPlan, result: dict[str, Any]
+    ) -> tuple[str, str]:
+        params = plan.params
+        loss = float(result.get("val/loss", float("nan")))
+        best_key = (plan.label, params["batch_size"])
+        if best_key not in self.best or loss < self.best[best_key][0]:
+            self.best[best_key] = (loss, params["power"], params["lr_max"])
+        best_loss, best_power, best_lr = self.best[best_key]
+        detail = f"final val/loss {loss:.4f} after {result.get('step', '?')} steps"
+        best_text = (
+            f"in {plan.label} at this batch size lowest {best_loss:.4f} "
+            f"(p={best_power:g}, lr_max={best_lr:g})"
+        )
+        return detail, best_text
 
     def _toy_detail(self, plan: TrialPlan, result: dict[str, Any]) -> tuple[str, str]:
         params = plan.params
@@ -351,8 +369,38 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, run: RunInfo) -> st
     return parents[0].info.run_id
 
 
+def recorded_parent_run_id(
+    client: MlflowClient, study: str, scale: str, run_id: str | None
+) -> str | None:
+    """Return the MLflow parent run of `run_id`, or of the latest run of the scale
+    when `run_id` is None; None when the tracking store has no such run."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    parents = [
+        parent
+        for parent in client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
+            max_results=50000,
+        )
+        if "mlflow.parentRunId" not in parent.data.tags
+        and (run_id is None or parent.data.tags.get("study_run_id") == run_id)
+    ]
+    if not parents:
+        return None
+    latest = max(parents, key=lambda parent: parent.data.tags.get("study_run_id", ""))
+    return latest.info.run_id
+
+
 def _create_parent_run(
-    client: MlflowClient, experiment_id: str, run: RunInfo, plans, scale, workspace_root
+    client: MlflowClient,
+    experiment_id: str,
+    run: RunInfo,
+    plans,
+    scale,
+    workspace_root,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     parent = client.create_run(
         experiment_id,
@@ -362,6 +410,7 @@ def _create_parent_run(
             "scale": run.scale,
             "study_run_id": run.run_id,
             "workspace": str(workspace_root),
+            **(extra_tags or {}),
         },
     )
     parent_run_id = parent.info.run_id
@@ -380,12 +429,14 @@ def run_study(
     ray_address: str | None = None,
     max_concurrent: int | None = None,
     resume_run_id: str | None = None,
+    parent_tags: dict[str, str] | None = None,
 ) -> StudyRun:
     """Run every trial of one scale under Ray Tune and record them all.
 
     With `resume_run_id`, continue that run's Tune experiment instead:
     finished trials are kept, unfinished and errored ones continue from their
-    latest checkpoint, and never-started ones start.
+    latest checkpoint, and never-started ones start. `parent_tags` are added
+    to a new run's MLflow parent run.
     """
     started = time.perf_counter()
     scale = spec.scale(scale_name)
@@ -397,7 +448,7 @@ def run_study(
             f"{experiment_path}; start a new run with `study run --fresh`"
         )
     prepared = prepare_data(spec, scale_name, workspace)
-    plans = expand(scale, prepared)
+    plans = expand(scale, prepared, spec.analysis)
     units = {
         label: progress_unit(label, entry) for label, entry in scale.workloads.items()
     }
@@ -417,7 +468,7 @@ def run_study(
         client.update_run(parent_run_id, status="RUNNING")
     else:
         parent_run_id = _create_parent_run(
-            client, experiment_id, run, plans, scale, workspace.root
+            client, experiment_id, run, plans, scale, workspace.root, parent_tags
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recorder = StudyRecorder(

@@ -22,6 +22,10 @@ from trainers.schedules import SCHEDULES
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SCALES = ("smoke", "cpu", "paper")
+# What a study's analysis measures. `power_trend` compares optimizer steps to a
+# target between powers; `compare` and `lr_tune` train every trial for its
+# whole budget and compare final validation losses.
+ANALYSES = ("power_trend", "compare", "lr_tune")
 GRID_AXIS_NAMES = ("batch_size", "power", "lr_max", "seed")
 # Validation metrics each training workload reports, usable as targets.
 TARGET_METRICS = {"lm": ("val/loss",), "vision": ("val/loss", "val/accuracy")}
@@ -176,8 +180,16 @@ class WorkloadStudy(Strict):
     data: dict[str, Any] = Field(default_factory=dict)
     grid: Grid
     train: Training = Training()
-    target: Target
+    target: Target | None = None
+    """Stop a trial once it meets this; None trains every trial for the whole
+    budget, as the final-loss analyses need."""
     budget: Budget
+    setting: str | None = None
+    """Row of the comparison table; entries that share a setting (for example
+    with and without blockwise_lr) form one row. Defaults to the entry's key."""
+    series: str | None = None
+    """Entries that share a series (one per model size) form one
+    loss-versus-parameters fit."""
     eval_every_steps: int = Field(default=10, ge=1)
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     """Save the whole training state this often; None restarts a crashed trial
@@ -297,6 +309,8 @@ class Scale(Strict):
                     f"workload {label!r} has no type; name the entry lm or vision, "
                     f"or set `workload: lm|vision|toy_noise` in it"
                 )
+            if entry.target is None:
+                continue
             if entry.target.metric not in TARGET_METRICS[kind]:
                 raise ValueError(
                     f"target metric {entry.target.metric!r} of workload {label!r} is "
@@ -308,7 +322,39 @@ class Scale(Strict):
 class StudySpec(Strict):
     name: str
     description: str = ""
+    analysis: Literal["power_trend", "compare", "lr_tune"] = "power_trend"
+    """`power_trend`: steps to a target per batch size and power, and the best
+    power's trend with batch size. `compare`: final validation loss per
+    optimizer variant and setting, the gap to the p = 1 baseline and
+    loss-versus-parameters fits. `lr_tune`: the best lr_max per model and
+    batch size, which `study run --lr-from` feeds to other studies."""
     scales: dict[Literal["smoke", "cpu", "paper"], Scale] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_analysis_needs(self) -> StudySpec:
+        for scale_name, scale in self.scales.items():
+            for label, entry in scale.workloads.items():
+                if isinstance(entry, ToyNoiseStudy):
+                    continue
+                where = f"scales.{scale_name}.workloads.{label}"
+                if self.analysis == "power_trend" and entry.target is None:
+                    raise ValueError(
+                        f"{where} has no target; the power_trend analysis measures "
+                        "steps to a target, so add `target: {metric: val/loss, "
+                        "value: ...}` or set `analysis: compare` for final losses"
+                    )
+                if self.analysis != "power_trend" and entry.target is not None:
+                    raise ValueError(
+                        f"{where} sets a target, but the {self.analysis} analysis "
+                        "compares final losses after the whole budget, and a "
+                        "target would stop trials early; remove the target"
+                    )
+                if self.analysis == "lr_tune" and entry.grid.power != [1.0]:
+                    raise ValueError(
+                        f"{where}.grid.power is {entry.grid.power}; lr_tune tunes "
+                        "the Adam baseline, so set `power: [1.0]`"
+                    )
+        return self
 
     def is_toy(self) -> bool:
         """True when the study simulates the toy noise model instead of training."""

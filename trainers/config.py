@@ -26,8 +26,9 @@ class TrialConfig:
     step_budget: int
     """Optimizer steps after which an unfinished trial ends as censored."""
 
-    target_value: float
-    """The trial ends as reached when `target_metric` gets to this value."""
+    target_value: float | None
+    """The trial ends as reached when `target_metric` gets to this value; None
+    trains for the whole budget and ends as complete."""
 
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +96,8 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     def target_met(self, value: float) -> bool:
+        if self.target_value is None:
+            return False
         if self.target_mode == "max":
             return value >= self.target_value
         return value <= self.target_value

@@ -34,14 +34,14 @@ from trainers.optimizers import build_optimizer
 from trainers.precision import MixedPrecision
 from trainers.schedules import build_scheduler
 from trainers.workloads import get_workload_class
-from trainers.workloads.base import Workload
+from trainers.workloads.base import Workload, count_parameters
 
 logger = logging.getLogger(__name__)
 
 # report(metrics) or, at checkpoint steps, report(metrics, checkpoint=state).
 Report = Callable[..., None]
 
-END_STATES = ("reached", "censored", "diverged", "failed")
+END_STATES = ("reached", "censored", "complete", "diverged", "failed")
 
 
 @dataclass
@@ -128,6 +128,11 @@ def run_trial(
     workload = get_workload_class(config.workload)(config, device)
     model = workload.build_model().to(device)
     model.train()
+    sizes = count_parameters(model)
+    size_metrics = {
+        "model/params": sizes["total"],
+        "model/active_params": sizes["active"],
+    }
     optimizer = build_optimizer(model, config)
     precision = MixedPrecision(config.precision, device)
     scheduler = build_scheduler(
@@ -206,6 +211,7 @@ def run_trial(
             with precision.autocast():
                 metrics.update(workload.evaluate(model))
             model.train()
+            metrics.update(size_metrics)
             eval_seconds += time.perf_counter() - eval_started
             metrics["time/eval_sec"] = eval_seconds
             value = metrics.get(config.target_metric)
@@ -222,9 +228,11 @@ def run_trial(
                 return TrialOutcome("diverged", steps_done, metrics)
 
         if last_step:
-            metrics["end_state"] = "censored"
+            # Without a target the whole budget is the plan, not a censoring.
+            state = "censored" if config.target_value is not None else "complete"
+            metrics["end_state"] = state
             report(metrics)
-            return TrialOutcome("censored", steps_done, metrics)
+            return TrialOutcome(state, steps_done, metrics)
         every = config.checkpoint_every_steps
         if every and steps_done % every == 0:
             counters = {

@@ -54,3 +54,23 @@ class Workload(ABC):
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics, keyed like `val/loss` and `val/accuracy`."""
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Return the total parameters and those active for one token.
+
+    Active counts each MoE expert tensor at ``num_experts_per_tok /
+    num_experts`` of its size and every other tensor whole.
+    """
+    total = 0
+    active = 0
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_experts", None)
+    per_token = getattr(config, "num_experts_per_tok", None)
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if experts and ".experts." in name:
+            active += param.numel() * per_token // experts
+        else:
+            active += param.numel()
+    return {"total": total, "active": active}

@@ -42,12 +42,14 @@ from trainers.data.text import (
     TokenShards,
     prepare_token_shards,
 )
-from trainers.workloads.base import Workload
+from trainers.workloads.base import Workload, count_parameters
 
 logger = logging.getLogger(__name__)
 
 # LLaMA decoder shapes by preset name. `tiny` keeps tests fast on CPU and `cpu`
-# is the embedded default study. The others are the GradPower paper's dense
+# is the embedded default study. `cpu-s`, `cpu` and `cpu-l` span a 7x range of
+# sizes (0.16M, 0.36M and 1.1M parameters at a vocabulary of 2048) for
+# loss-versus-parameters fits that run on a CPU. The others are the GradPower paper's dense
 # models. Its Table 3 gives their total sizes, so the shapes here take
 # ffn = 4 * hidden and a head size of 64 (as in 0.2b, 768/3072/12 heads) and the
 # depth that brings the count closest. At the T5 vocabulary of 32100 with an
@@ -55,7 +57,9 @@ logger = logging.getLogger(__name__)
 # parameters, against the table's 66M, 200M, 400M, 1004M and 1994M.
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
+    "cpu-s": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 86},
     "cpu": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 172},
+    "cpu-l": {"hidden": 128, "layers": 3, "heads": 4, "ffn": 344},
     "66m": {"hidden": 512, "layers": 8, "heads": 8, "ffn": 2048},
     "0.2b": {"hidden": 768, "layers": 16, "heads": 12, "ffn": 3072},
     "0.4b": {"hidden": 1024, "layers": 20, "heads": 16, "ffn": 4096},
@@ -178,26 +182,6 @@ def build_language_model(
     raise ValueError(
         f"Unknown lm model family {family!r}; choose one of {list(MODEL_FAMILIES)}"
     )
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Return the total parameters and those active for one token.
-
-    Active counts each MoE expert tensor at ``num_experts_per_tok /
-    num_experts`` of its size and every other tensor whole.
-    """
-    total = 0
-    active = 0
-    config = getattr(model, "config", None)
-    experts = getattr(config, "num_experts", None)
-    per_token = getattr(config, "num_experts_per_tok", None)
-    for name, param in model.named_parameters():
-        total += param.numel()
-        if experts and ".experts." in name:
-            active += param.numel() * per_token // experts
-        else:
-            active += param.numel()
-    return {"total": total, "active": active}
 
 
 class LanguageModelWorkload(Workload):

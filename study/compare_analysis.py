@@ -1,0 +1,1349 @@
+"""Analysis of the fixed-budget comparison studies and the lr_max tuning study.
+
+Every trial of these studies trains for its whole step budget and ends with
+its final validation loss. `analyze_compare` reads the studies recorded with
+analysis "compare" (power_sweep, adam_vs_adampower, muon_power, blockwise_lr)
+and builds:
+
+- one cell per (setting, batch size, variant): the median final loss over
+  seeds at the variant's own best lr_max;
+- the gap of each variant to its baseline, the p = 1 variant of the same base
+  optimizer without Blockwise LR in the same setting (positive: the variant
+  reaches a lower loss);
+- the best power per (setting, batch size, base optimizer, Blockwise LR);
+- per series of model sizes, a power law L(N) = A * N^(-alpha) in the number
+  of model parameters N for each variant.
+
+`analyze_lr_tune` reads the studies recorded with analysis "lr_tune" and
+picks the Adam (p = 1) lr_max with the lowest median final loss per (label,
+batch size). Diverged and failed trials are counted, shown as such and left
+out of every median.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import sqlalchemy
+from scipy import stats
+
+from dashboards.compare_plots import (
+    plot_loss_vs_lr,
+    plot_loss_vs_params,
+    plot_loss_vs_power,
+)
+from study.export import _latex_escape, frame_to_markdown
+from study.spec import StudyFileError
+
+BASELINE_POWER = 1.0
+BASE_OPTIMIZERS = {"adampower": "Adam", "muonpower": "Muon"}
+BLOCKWISE_SUFFIX = " + Blockwise LR"
+END_STATES = ("complete", "diverged", "failed")
+# Relative tolerance when two recorded losses count as a tie.
+LOSS_TIE_RTOL = 1e-12
+# A group of variants gets a best-power row only from this many powers on,
+# because with 2 powers the gap table already shows which one is better.
+MIN_SWEEP_POWERS = 3
+
+TRIAL_COLUMNS = [
+    "number",
+    "trial_key",
+    "mlflow_run_id",
+    "label",
+    "setting",
+    "series",
+    "workload",
+    "optimizer",
+    "blockwise_lr",
+    "schedule",
+    "model",
+    "data",
+    "budget_steps",
+    "batch_size",
+    "power",
+    "lr_max",
+    "seed",
+    "end_state",
+    "val_loss",
+    "val_accuracy",
+    "train_loss",
+    "model_params",
+    "steps_done",
+    "time_train_sec",
+]
+
+
+@dataclass
+class PowerLawFit:
+    """Least squares fit of log L = log A - alpha * log N over model sizes N."""
+
+    series: str
+    batch_size: int | None
+    """The batch size of every point, or None when the series mixes batch sizes
+    (one batch size per model size)."""
+    variant: str
+    amplitude: float
+    """A, in units of the loss."""
+    alpha: float
+    points: int
+    r_squared: float
+    """Coefficient of determination of the log-log fit, NaN with 2 points."""
+    alpha_stderr: float
+    """Standard error of alpha from the residuals, NaN with 2 points."""
+    params: list[float]
+    losses: list[float]
+
+    @property
+    def exact(self) -> bool:
+        """Whether the line passes through both of exactly two points."""
+        return self.points == 2
+
+    def predict(self, params) -> np.ndarray:
+        return self.amplitude * np.asarray(params, dtype=float) ** (-self.alpha)
+
+    def describe(self) -> str:
+        text = (
+            f"L = {self.amplitude:.4g} * N^(-{self.alpha:.4f}) over "
+            f"{self.points} model sizes"
+        )
+        if self.exact:
+            return text + " (exact through 2 points, no error estimate)"
+        return text + f", alpha s.e. {self.alpha_stderr:.4f}, R^2 {self.r_squared:.4f}"
+
+
+@dataclass
+class CompareAnalysis:
+    study: str
+    scale: str
+    run_id: str
+    trials: pd.DataFrame
+    """One row per recorded trial (TRIAL_COLUMNS plus `base` and `variant`)."""
+    cells: pd.DataFrame
+    """One row per (setting, batch_size, variant): median loss over the seeds of
+    the variant's best lr_max, with its spread, the lr_max used and the state."""
+    gaps: pd.DataFrame
+    """The cells with their baseline, gap, relative gap and paired gap."""
+    best_powers: pd.DataFrame
+    """One row per (setting, batch_size, base, blockwise_lr) with 3+ powers."""
+    fits: list[PowerLawFit]
+    fit_gaps: pd.DataFrame
+    """Per fitted variant with a fitted baseline: both fits at the largest N."""
+    counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        """File name stem shared by this run's exports."""
+        return f"{self.study}-{self.scale}-{self.run_id}"
+
+
+@dataclass
+class BestRate:
+    """The best Adam lr_max of one (label, batch size) of an lr_tune run."""
+
+    label: str
+    workload: str
+    model: dict
+    data: dict
+    batch_size: int
+    lr_max: float
+    val_loss: float
+    """Median final validation loss over the complete seeds at `lr_max`."""
+    seeds: int
+    """Number of complete seeds behind `val_loss`."""
+    run_id: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LrTuneAnalysis:
+    study: str
+    scale: str
+    run_id: str
+    trials: pd.DataFrame
+    """One row per recorded trial with power 1.0 (TRIAL_COLUMNS)."""
+    grid: pd.DataFrame
+    """One row per (label, batch_size, lr_max): median loss, seeds, state."""
+    best: list[BestRate]
+    counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        """File name stem shared by this run's exports."""
+        return f"{self.study}-{self.scale}-{self.run_id}"
+
+
+# Reading recorded runs
+
+
+def _shown_storage(storage: str) -> str:
+    """Return the storage URL with any password replaced by ***."""
+    try:
+        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return "<unparsable storage URL>"
+
+
+def _json_attribute(value, name: str, study_name: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise StudyFileError(
+            f"Optuna study {study_name!r} records an invalid JSON {name!r} "
+            f"attribute ({error}): {value!r}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise StudyFileError(
+            f"Optuna study {study_name!r} records {name!r} as {parsed!r}; "
+            "expected a JSON object of settings"
+        )
+    return parsed
+
+
+def _load_studies(
+    storage: str, study: str, scale: str, run_id: str | None, analysis: str
+) -> tuple[str, list[tuple[dict, optuna.Study]]]:
+    """Return the chosen run id and the (user_attrs, study) pairs of that run."""
+    summaries = [
+        s
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.user_attrs.get("study") == study and s.user_attrs.get("scale") == scale
+    ]
+    matching = [s for s in summaries if s.user_attrs.get("analysis") == analysis]
+    if not matching:
+        found = sorted({str(s.user_attrs.get("analysis")) for s in summaries})
+        other = (
+            f" (its recorded runs have analysis {', '.join(found)})" if found else ""
+        )
+        raise StudyFileError(
+            f"No recorded {analysis!r} run of study {study!r} at scale {scale!r} "
+            f"in {_shown_storage(storage)}{other}; run `study run {study} --scale "
+            f"{scale}` first or pass the right --workspace/--scale"
+        )
+    run_ids = sorted({s.user_attrs["run_id"] for s in matching})
+    chosen = run_id or run_ids[-1]
+    if chosen not in run_ids:
+        raise StudyFileError(
+            f"Run {chosen!r} of study {study!r} at scale {scale!r} is not recorded "
+            f"in {_shown_storage(storage)}; recorded runs: {run_ids}"
+        )
+    loaded = [
+        (
+            dict(s.user_attrs),
+            optuna.load_study(study_name=s.study_name, storage=storage),
+        )
+        for s in matching
+        if s.user_attrs["run_id"] == chosen
+    ]
+    return chosen, sorted(loaded, key=lambda pair: pair[0].get("label", ""))
+
+
+def _float_or_nan(value) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _trial_rows(attrs: dict, optuna_study: optuna.Study) -> list[dict]:
+    name = optuna_study.study_name
+    label = attrs.get("label", name)
+    setting = attrs.get("setting") or label
+    rows = []
+    for trial in optuna_study.get_trials(deepcopy=False):
+        trial_attrs = trial.user_attrs
+        loss = trial_attrs.get("val_loss", trial.value)
+        rows.append(
+            {
+                "number": trial.number,
+                "trial_key": trial_attrs.get("trial_key", f"{name}/{trial.number}"),
+                "mlflow_run_id": trial_attrs.get("mlflow_run_id"),
+                "label": label,
+                "setting": str(setting),
+                "series": attrs.get("series") or None,
+                "workload": attrs.get("workload"),
+                "optimizer": attrs.get("optimizer", "adampower"),
+                "blockwise_lr": bool(attrs.get("blockwise_lr", False)),
+                "schedule": attrs.get("schedule"),
+                "model": json.dumps(_json_attribute(attrs.get("model"), "model", name)),
+                "data": json.dumps(_json_attribute(attrs.get("data"), "data", name)),
+                "budget_steps": attrs.get("budget_steps"),
+                "batch_size": trial.params.get("batch_size"),
+                "power": _float_or_nan(trial.params.get("power")),
+                "lr_max": _float_or_nan(trial.params.get("lr_max")),
+                "seed": trial.params.get("seed"),
+                # A trial without an end state never finished recording.
+                "end_state": trial_attrs.get("end_state", "failed"),
+                "val_loss": _float_or_nan(loss),
+                "val_accuracy": _float_or_nan(trial_attrs.get("val_accuracy")),
+                "train_loss": _float_or_nan(trial_attrs.get("train_loss")),
+                "model_params": _float_or_nan(trial_attrs.get("model_params")),
+                "steps_done": trial_attrs.get("steps_done"),
+                "time_train_sec": _float_or_nan(trial_attrs.get("time_train_sec")),
+            }
+        )
+    return rows
+
+
+def _read_trials(
+    loaded: list[tuple[dict, optuna.Study]], notes: list[str]
+) -> pd.DataFrame:
+    rows = []
+    for attrs, optuna_study in loaded:
+        frame = pd.DataFrame(_trial_rows(attrs, optuna_study), columns=TRIAL_COLUMNS)
+        # A resumed run may contain a grid point twice, and the later record wins.
+        frame = frame.sort_values("number").drop_duplicates("trial_key", keep="last")
+        rows.append(frame)
+    trials = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if trials.empty:
+        notes.append("the run records no trials")
+        return pd.DataFrame(columns=[*TRIAL_COLUMNS, "usable"])
+    complete = trials.end_state == "complete"
+    finite = np.isfinite(trials.val_loss.astype(float))
+    trials["usable"] = complete & finite
+    unusable = trials[complete & ~finite]
+    if len(unusable):
+        notes.append(
+            f"{len(unusable)} complete trial(s) record no finite val_loss and are "
+            f"left out: {', '.join(unusable.trial_key)}"
+        )
+    unknown = sorted(set(trials.end_state) - set(END_STATES))
+    if unknown:
+        notes.append(
+            f"end state(s) {unknown} are not complete, diverged or failed; "
+            "those trials are left out"
+        )
+    return trials
+
+
+def _counts(trials: pd.DataFrame) -> dict[str, int]:
+    states = trials.end_state.value_counts()
+    counts = {state: int(states.get(state, 0)) for state in END_STATES}
+    counts["other"] = int(len(trials) - sum(counts.values()))
+    return counts
+
+
+def _excluded_note(trials: pd.DataFrame) -> str | None:
+    excluded = trials[trials.end_state.isin(("diverged", "failed"))]
+    if excluded.empty:
+        return None
+    names = ", ".join(
+        f"{k} ({s})" for k, s in zip(excluded.trial_key, excluded.end_state)
+    )
+    return f"left out of every median: {names}"
+
+
+# Variants and cells
+
+
+def _is_baseline_power(power: float) -> bool:
+    return math.isclose(power, BASELINE_POWER, rel_tol=0.0, abs_tol=1e-9)
+
+
+def _baseline_mask(trials: pd.DataFrame) -> pd.Series:
+    """Return a boolean Series, True where the trial's power is 1."""
+    return trials.power.map(_is_baseline_power).astype(bool)
+
+
+def _name_variants(trials: pd.DataFrame) -> pd.DataFrame:
+    """Add `base` (Adam or Muon) and `variant` (the display name) to each trial.
+
+    A powered variant carries its power in the name only where its setting
+    runs more than one power other than 1 with the same base optimizer.
+    """
+    trials = trials.copy()
+    trials["base"] = [
+        BASE_OPTIMIZERS.get(optimizer, str(optimizer)) for optimizer in trials.optimizer
+    ]
+    powered = trials[~_baseline_mask(trials)]
+    power_counts = powered.groupby(["setting", "base"]).power.nunique()
+    names = []
+    for row in trials.itertuples():
+        name = row.base
+        if not _is_baseline_power(row.power):
+            name += "Power"
+            if power_counts.get((row.setting, row.base), 0) > 1:
+                name += f" (p={row.power:g})"
+        if row.blockwise_lr:
+            name += BLOCKWISE_SUFFIX
+        names.append(name)
+    trials["variant"] = names
+    return trials
+
+
+def _best_lr(usable: pd.DataFrame) -> float:
+    """Return the lr_max with the lowest median loss, ties to the smaller lr_max."""
+    medians = usable.groupby("lr_max").val_loss.median().sort_index()
+    lowest = medians.min()
+    tied = medians[np.isclose(medians, lowest, rtol=LOSS_TIE_RTOL, atol=0.0)]
+    return float(tied.index[0])
+
+
+def _failed_state(group: pd.DataFrame) -> str:
+    return "diverged" if (group.end_state == "diverged").any() else "failed"
+
+
+CELL_KEYS = ["setting", "batch_size", "variant"]
+
+
+def _cell_row(keys: tuple, group: pd.DataFrame) -> dict:
+    first = group.iloc[0]
+    lrs = sorted(group.lr_max.unique())
+    row = {
+        **dict(zip(CELL_KEYS, keys)),
+        "base": first.base,
+        "power": float(first.power),
+        "blockwise_lr": bool(first.blockwise_lr),
+        "series": first.series,
+        "workload": first.workload,
+        "lr_grid": len(lrs),
+        "lr_max": math.nan,
+        "loss": math.nan,
+        "loss_sd": math.nan,
+        "accuracy": math.nan,
+        "seeds": 0,
+        "excluded_seeds": 0,
+        "model_params": float(group.model_params.median()),
+        "state": _failed_state(group),
+    }
+    usable = group[group.usable]
+    if usable.empty:
+        return row
+    lr_max = _best_lr(usable)
+    chosen = usable[usable.lr_max == lr_max]
+    row.update(
+        lr_max=lr_max,
+        loss=float(chosen.val_loss.median()),
+        loss_sd=float(chosen.val_loss.std(ddof=1)) if len(chosen) >= 2 else math.nan,
+        accuracy=float(chosen.val_accuracy.median()),
+        seeds=len(chosen),
+        excluded_seeds=int((group.lr_max == lr_max).sum() - len(chosen)),
+        model_params=float(chosen.model_params.median()),
+        state="complete",
+    )
+    return row
+
+
+CELL_COLUMNS = [
+    *CELL_KEYS,
+    "base",
+    "power",
+    "blockwise_lr",
+    "series",
+    "workload",
+    "lr_grid",
+    "lr_max",
+    "loss",
+    "loss_sd",
+    "accuracy",
+    "seeds",
+    "excluded_seeds",
+    "model_params",
+    "state",
+]
+
+
+def _build_cells(trials: pd.DataFrame) -> pd.DataFrame:
+    rows = [_cell_row(keys, group) for keys, group in trials.groupby(CELL_KEYS)]
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+
+
+# Gaps to the baseline
+
+
+def _chosen_losses(trials: pd.DataFrame, cell: pd.Series) -> pd.Series:
+    """Return the usable losses by seed at the cell's lr_max."""
+    selected = trials[
+        (trials.setting == cell.setting)
+        & (trials.batch_size == cell.batch_size)
+        & (trials.variant == cell.variant)
+        & (trials.lr_max == cell.lr_max)
+        & trials.usable
+    ]
+    return selected.groupby("seed").val_loss.median()
+
+
+def _gap_row(cell: pd.Series, cells: pd.DataFrame, trials: pd.DataFrame) -> dict:
+    row = {
+        **cell.to_dict(),
+        "baseline": str(cell.base),
+        "baseline_lr_max": math.nan,
+        "baseline_loss": math.nan,
+        "gap": math.nan,
+        "relative_gap_pct": math.nan,
+        "paired_gap": math.nan,
+        "paired_seeds": 0,
+        "status": "",
+    }
+
+    if cell.variant == row["baseline"]:
+        row["status"] = "baseline"
+        return row
+    matches = cells[
+        (cells.setting == cell.setting)
+        & (cells.batch_size == cell.batch_size)
+        & (cells.variant == row["baseline"])
+    ]
+    if matches.empty:
+        row["status"] = f"no baseline: {row['baseline']} was not run"
+        return row
+
+    baseline = matches.iloc[0]
+    row["baseline_lr_max"] = baseline.lr_max
+    row["baseline_loss"] = baseline.loss
+    if baseline.state != "complete":
+        row["status"] = f"baseline {row['baseline']} {baseline.state}"
+        return row
+    if cell.state != "complete":
+        row["status"] = str(cell.state)
+        return row
+
+    row["gap"] = float(baseline.loss - cell.loss)
+    row["relative_gap_pct"] = 100.0 * row["gap"] / float(baseline.loss)
+    paired = (_chosen_losses(trials, baseline) - _chosen_losses(trials, cell)).dropna()
+    if len(paired) >= 2:
+        row["paired_gap"] = float(paired.median())
+        row["paired_seeds"] = len(paired)
+    row["status"] = "ok"
+    return row
+
+
+def _build_gaps(cells: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    rows = [_gap_row(cell, cells, trials) for _, cell in cells.iterrows()]
+    gaps = pd.DataFrame(rows)
+    if gaps.empty:
+        return gaps
+    # Baseline first, then the other variants by name, within each row.
+    gaps["order"] = (gaps.status != "baseline").astype(int)
+    gaps = gaps.sort_values(["setting", "batch_size", "base", "order", "variant"])
+    return gaps.drop(columns="order").reset_index(drop=True)
+
+
+# The best power
+
+
+def _parabola_vertex(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Return the vertex of the parabola through 3 points, or None unless convex."""
+    (x0, x1, x2), (y0, y1, y2) = x, y
+    curvature = ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)
+    if not curvature > 0:
+        return None
+    numerator = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    return float(x1 - 0.5 * numerator / denominator)
+
+
+def _best_power_row(keys: tuple, group: pd.DataFrame) -> dict:
+    setting, batch_size, base, blockwise = keys
+    powers = np.array(sorted(group.power.unique()), dtype=float)
+    losses = group.groupby("power").loss.min().reindex(powers).to_numpy(dtype=float)
+    row = {
+        "setting": setting,
+        "batch_size": batch_size,
+        "base": base,
+        "blockwise_lr": bool(blockwise),
+        "powers": len(powers),
+        "best_power": math.nan,
+        "best_loss": math.nan,
+        "p_star": math.nan,
+        "method": "none: every power diverged or failed",
+        "at_edge": False,
+    }
+    finite = np.isfinite(losses)
+    if not finite.any():
+        return row
+
+    # Ties go to the power nearest 1, the smaller change from the baseline.
+    order = np.lexsort(
+        (np.abs(powers - BASELINE_POWER), np.where(finite, losses, np.inf))
+    )
+    index = int(order[0])
+    row.update(
+        best_power=float(powers[index]),
+        best_loss=float(losses[index]),
+        p_star=float(powers[index]),
+    )
+
+    if index == 0 or index == len(powers) - 1:
+        side = "lower" if index == 0 else "upper"
+        row["method"] = f"grid, at the {side} edge of the grid"
+        row["at_edge"] = True
+        return row
+
+    neighbours = [index - 1, index + 1]
+    missing = [powers[i] for i in neighbours if not finite[i]]
+    if missing:
+        listed = ", ".join(f"p={p:g}" for p in missing)
+        row["method"] = f"grid, neighbour {listed} has no loss"
+        return row
+
+    window = [index - 1, index, index + 1]
+    vertex = _parabola_vertex(powers[window], losses[window])
+    if vertex is None:
+        row["method"] = "grid, the three losses around the minimum are not convex"
+        return row
+    row["p_star"] = vertex
+    row["method"] = "quadratic through the minimum and its neighbours"
+    return row
+
+
+def _build_best_powers(cells: pd.DataFrame) -> pd.DataFrame:
+    keys = ["setting", "batch_size", "base", "blockwise_lr"]
+    rows = [
+        _best_power_row(key, group)
+        for key, group in cells.groupby(keys)
+        if group.power.nunique() >= MIN_SWEEP_POWERS
+    ]
+    columns = [*keys, "powers", "best_power", "best_loss", "p_star", "method"]
+    return pd.DataFrame(rows, columns=[*columns, "at_edge"])
+
+
+# Loss against model size
+
+
+def fit_power_law(
+    params, losses, series: str, variant: str, batch_size: int | None = None
+) -> PowerLawFit:
+    """Fit L = A * N^(-alpha) by least squares on log L against log N."""
+    x = np.log(np.asarray(params, dtype=float))
+    y = np.log(np.asarray(losses, dtype=float))
+    if len(np.unique(x)) < 2:
+        raise ValueError(
+            f"a power-law fit needs 2+ distinct model sizes, got {len(np.unique(x))}"
+        )
+    result = stats.linregress(x, y)
+    points = len(x)
+    r_squared = alpha_stderr = math.nan
+    if points >= 3:
+        r_squared = float(result.rvalue**2)
+        alpha_stderr = float(result.stderr)
+    return PowerLawFit(
+        series=series,
+        batch_size=batch_size,
+        variant=variant,
+        amplitude=float(math.exp(result.intercept)),
+        alpha=float(-result.slope),
+        points=points,
+        r_squared=r_squared,
+        alpha_stderr=alpha_stderr,
+        params=[float(v) for v in params],
+        losses=[float(v) for v in losses],
+    )
+
+
+def _series_groups(cells: pd.DataFrame) -> list[tuple[str, int | None, pd.DataFrame]]:
+    """Split the cells of each series into the point sets of its fits.
+
+    A series with several batch sizes at one model size gets one fit per
+    batch size, else one fit over all its cells, whose batch size may change
+    with the model size.
+    """
+    groups = []
+    with_series = cells[cells.series.notna()]
+    for series, group in with_series.groupby("series"):
+        sizes_per_params = group.groupby("model_params").batch_size.nunique()
+        if (sizes_per_params > 1).any():
+            for batch_size, part in group.groupby("batch_size"):
+                groups.append((str(series), int(batch_size), part))
+        else:
+            groups.append((str(series), None, group))
+    return groups
+
+
+def _build_fits(cells: pd.DataFrame, notes: list[str]) -> list[PowerLawFit]:
+    fits = []
+    if "series" not in cells or cells.series.isna().all():
+        return fits
+    for series, batch_size, group in _series_groups(cells):
+        for variant, points in group.groupby("variant"):
+            usable = points[np.isfinite(points.loss) & np.isfinite(points.model_params)]
+            sizes = usable.model_params.nunique()
+            if sizes < 2:
+                where = f"series {series!r}"
+                if batch_size is not None:
+                    where += f", batch size {batch_size}"
+                notes.append(
+                    f"{where}, {variant}: {sizes} model size(s) with a finite loss, "
+                    "so no power-law fit"
+                )
+                continue
+            fits.append(
+                fit_power_law(
+                    usable.model_params, usable.loss, series, variant, batch_size
+                )
+            )
+    return fits
+
+
+def _build_fit_gaps(fits: list[PowerLawFit], cells: pd.DataFrame) -> pd.DataFrame:
+    by_key = {(f.series, f.batch_size, f.variant): f for f in fits}
+    bases = dict(zip(cells.variant, cells.base))
+    rows = []
+    for fit in fits:
+        baseline_name = bases.get(fit.variant)
+        if fit.variant == baseline_name:
+            continue
+        baseline = by_key.get((fit.series, fit.batch_size, baseline_name))
+        if baseline is None:
+            continue
+        largest = max(max(fit.params), max(baseline.params))
+        baseline_loss = float(baseline.predict(largest))
+        variant_loss = float(fit.predict(largest))
+        rows.append(
+            {
+                "series": fit.series,
+                "batch_size": fit.batch_size,
+                "variant": fit.variant,
+                "baseline": baseline_name,
+                "model_params": largest,
+                "baseline_predicted": baseline_loss,
+                "variant_predicted": variant_loss,
+                "predicted_gap": baseline_loss - variant_loss,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "series",
+            "batch_size",
+            "variant",
+            "baseline",
+            "model_params",
+            "baseline_predicted",
+            "variant_predicted",
+            "predicted_gap",
+        ],
+    )
+
+
+def fits_frame(fits: list[PowerLawFit]) -> pd.DataFrame:
+    """Return one row per power-law fit with its parameters."""
+    rows = [
+        {
+            "series": fit.series,
+            "batch_size": fit.batch_size,
+            "variant": fit.variant,
+            "amplitude": fit.amplitude,
+            "alpha": fit.alpha,
+            "alpha_stderr": fit.alpha_stderr,
+            "r_squared": fit.r_squared,
+            "points": fit.points,
+            "exact": fit.exact,
+        }
+        for fit in fits
+    ]
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "series",
+            "batch_size",
+            "variant",
+            "amplitude",
+            "alpha",
+            "alpha_stderr",
+            "r_squared",
+            "points",
+            "exact",
+        ],
+    )
+
+
+# The compare analysis
+
+
+def _compare_notes(
+    trials: pd.DataFrame, gaps: pd.DataFrame, best: pd.DataFrame, notes: list[str]
+) -> None:
+    excluded = _excluded_note(trials)
+    if excluded:
+        notes.append(excluded)
+    labels = trials.groupby(CELL_KEYS).label.unique()
+    for (setting, batch_size, variant), names in labels.items():
+        if len(names) > 1:
+            notes.append(
+                f"setting {setting!r}, batch size {batch_size}, {variant}: the "
+                f"entries {', '.join(sorted(names))} run the same variant, so their "
+                "trials are pooled into one cell"
+            )
+    for row in gaps.itertuples():
+        if row.status.startswith(("no baseline", "baseline ")):
+            notes.append(
+                f"setting {row.setting!r}, batch size {row.batch_size}, "
+                f"{row.variant}: {row.status}, so no gap"
+            )
+        if row.excluded_seeds:
+            notes.append(
+                f"setting {row.setting!r}, batch size {row.batch_size}, "
+                f"{row.variant}: {row.excluded_seeds} seed(s) at lr_max "
+                f"{row.lr_max:g} diverged or failed; the median uses the other "
+                f"{row.seeds}"
+            )
+    for row in best.itertuples() if len(best) else ():
+        if row.at_edge:
+            notes.append(
+                f"setting {row.setting!r}, batch size {row.batch_size}, {row.base}"
+                f"{BLOCKWISE_SUFFIX if row.blockwise_lr else ''}: the best power "
+                f"{row.best_power:g} is at the edge of the grid; widen the power grid"
+            )
+
+
+def analyze_compare(
+    storage: str, study: str, scale: str, run_id: str | None = None
+) -> CompareAnalysis:
+    """Analyze one "compare" run (the latest unless `run_id` is set) of a study."""
+    chosen, loaded = _load_studies(storage, study, scale, run_id, "compare")
+    notes: list[str] = []
+    trials = _name_variants(_read_trials(loaded, notes))
+    cells = _build_cells(trials)
+    gaps = _build_gaps(cells, trials)
+    best = _build_best_powers(cells)
+    fits = _build_fits(cells, notes)
+    fit_gaps = _build_fit_gaps(fits, cells)
+    _compare_notes(trials, gaps, best, notes)
+    return CompareAnalysis(
+        study=study,
+        scale=scale,
+        run_id=chosen,
+        trials=trials,
+        cells=cells,
+        gaps=gaps,
+        best_powers=best,
+        fits=fits,
+        fit_gaps=fit_gaps,
+        counts=_counts(trials),
+        notes=notes,
+    )
+
+
+# The lr_tune analysis
+
+
+def _lr_grid(trials: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (label, batch_size, lr_max), group in trials.groupby(
+        ["label", "batch_size", "lr_max"]
+    ):
+        usable = group[group.usable]
+        rows.append(
+            {
+                "label": label,
+                "batch_size": batch_size,
+                "lr_max": lr_max,
+                "loss": float(usable.val_loss.median()) if len(usable) else math.nan,
+                "loss_sd": (
+                    float(usable.val_loss.std(ddof=1)) if len(usable) >= 2 else math.nan
+                ),
+                "seeds": len(usable),
+                "excluded_seeds": len(group) - len(usable),
+                "state": "complete" if len(usable) else _failed_state(group),
+                "best": False,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "label",
+            "batch_size",
+            "lr_max",
+            "loss",
+            "loss_sd",
+            "seeds",
+            "excluded_seeds",
+            "state",
+            "best",
+        ],
+    )
+
+
+def _pick_rates(
+    trials: pd.DataFrame, grid: pd.DataFrame, run_id: str, notes: list[str]
+) -> list[BestRate]:
+    best = []
+    for (label, batch_size), group in grid.groupby(["label", "batch_size"]):
+        where = f"label {label!r}, batch size {batch_size}"
+        lrs = sorted(group.lr_max)
+        usable = trials[
+            (trials.label == label) & (trials.batch_size == batch_size) & trials.usable
+        ]
+        if usable.empty:
+            states = trials[
+                (trials.label == label) & (trials.batch_size == batch_size)
+            ].end_state.value_counts()
+            listed = ", ".join(f"{n} {s}" for s, n in states.items())
+            notes.append(
+                f"{where}: no lr_max completed ({listed}), so it gets no best lr_max; "
+                "lower the lr_max grid"
+            )
+            continue
+        lr_max = _best_lr(usable)
+        chosen = usable[usable.lr_max == lr_max]
+        grid.loc[
+            (grid.label == label)
+            & (grid.batch_size == batch_size)
+            & (grid.lr_max == lr_max),
+            "best",
+        ] = True
+        first = chosen.iloc[0]
+        best.append(
+            BestRate(
+                label=str(label),
+                workload=str(first.workload),
+                model=json.loads(first.model),
+                data=json.loads(first.data),
+                batch_size=int(batch_size),
+                lr_max=float(lr_max),
+                val_loss=float(chosen.val_loss.median()),
+                seeds=len(chosen),
+                run_id=run_id,
+            )
+        )
+        if len(lrs) == 1:
+            notes.append(f"{where}: only lr_max {lr_max:g} was run; widen the grid")
+        elif lr_max == lrs[0]:
+            notes.append(
+                f"{where}: the best lr_max {lr_max:g} is the smallest of the grid; "
+                "widen the grid below it"
+            )
+        elif lr_max == lrs[-1]:
+            notes.append(
+                f"{where}: the best lr_max {lr_max:g} is the largest of the grid; "
+                "widen the grid above it"
+            )
+    return best
+
+
+def analyze_lr_tune(
+    storage: str, study: str, scale: str, run_id: str | None = None
+) -> LrTuneAnalysis:
+    """Pick the best Adam lr_max per (label, batch size) of one "lr_tune" run.
+
+    Only trials with power 1.0 count. The best lr_max has the lowest median
+    final loss over its complete seeds, and ties go to the smaller lr_max.
+    """
+    chosen, loaded = _load_studies(storage, study, scale, run_id, "lr_tune")
+    notes: list[str] = []
+    trials = _read_trials(loaded, notes)
+    powered = trials[~_baseline_mask(trials)]
+    if len(powered):
+        notes.append(
+            f"{len(powered)} trial(s) with power other than 1.0 are left out of the "
+            "Adam lr_max choice"
+        )
+    trials = trials[_baseline_mask(trials)].reset_index(drop=True)
+    grid = _lr_grid(trials)
+    best = _pick_rates(trials, grid, chosen, notes)
+    excluded = _excluded_note(trials)
+    if excluded:
+        notes.append(excluded)
+    return LrTuneAnalysis(
+        study=study,
+        scale=scale,
+        run_id=chosen,
+        trials=trials,
+        grid=grid,
+        best=best,
+        counts=_counts(trials),
+        notes=notes,
+    )
+
+
+def best_learning_rates(
+    storage: str, study: str, scale: str, run_id: str | None = None
+) -> list[BestRate]:
+    """Return the best Adam lr_max per (label, batch size) of an lr_tune run."""
+    return analyze_lr_tune(storage, study, scale, run_id).best
+
+
+# Text tables
+
+GAP_FOOTNOTE = (
+    "Final loss: median over seeds at the variant's best lr_max (± sample "
+    "standard deviation with 2+ seeds). Gap: baseline loss minus variant loss, "
+    "positive when the variant is better. Paired gap: median over seeds of the "
+    "same-seed differences."
+)
+LR_FOOTNOTE = (
+    "Cells: median over complete seeds (± sample standard deviation with 2+ "
+    "seeds). Bold: the best lr_max of the row. Ties go to the smaller lr_max."
+)
+
+
+def _loss_text(loss: float, spread: float, state: str) -> str:
+    if state != "complete" or math.isnan(loss):
+        return state
+    text = f"{loss:.4f}"
+    if not math.isnan(spread):
+        text += f" ± {spread:.4f}"
+    return text
+
+
+def _signed(value: float, digits: int = 4) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def _budget_text(trials: pd.DataFrame) -> str:
+    budgets = sorted({int(b) for b in trials.budget_steps.dropna()})
+    if not budgets:
+        return "the step budget"
+    return " / ".join(str(b) for b in budgets) + " steps"
+
+
+def gap_frame(analysis: CompareAnalysis) -> pd.DataFrame:
+    """Format the gap table as display text, one row per (setting, batch, variant)."""
+    rows = []
+    for row in analysis.gaps.itertuples():
+        gap = rel = paired = ""
+        if row.status == "ok":
+            gap = _signed(row.gap)
+            rel = f"{row.relative_gap_pct:+.2f}%"
+            if row.paired_seeds:
+                paired = f"{_signed(row.paired_gap)} ({row.paired_seeds} seeds)"
+        elif row.status != "baseline":
+            gap = row.status
+        rows.append(
+            {
+                "setting": row.setting,
+                "batch size": int(row.batch_size),
+                "variant": row.variant,
+                "lr_max": "" if math.isnan(row.lr_max) else f"{row.lr_max:g}",
+                "final loss": _loss_text(row.loss, row.loss_sd, row.state),
+                "seeds": int(row.seeds),
+                "baseline": "(baseline)" if row.status == "baseline" else row.baseline,
+                "gap": gap,
+                "gap %": rel,
+                "paired gap": paired,
+            }
+        )
+    columns = [
+        "setting",
+        "batch size",
+        "variant",
+        "lr_max",
+        "final loss",
+        "seeds",
+        "baseline",
+        "gap",
+        "gap %",
+        "paired gap",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def best_power_frame(analysis: CompareAnalysis) -> pd.DataFrame:
+    """Format the best power per (setting, batch size, optimizer) as display text."""
+    rows = []
+    for row in analysis.best_powers.itertuples():
+        found = not math.isnan(row.best_power)
+        rows.append(
+            {
+                "setting": row.setting,
+                "batch size": int(row.batch_size),
+                "optimizer": row.base + (BLOCKWISE_SUFFIX if row.blockwise_lr else ""),
+                "powers": row.powers,
+                "best p": f"{row.best_power:g}" if found else "none",
+                "final loss": f"{row.best_loss:.4f}" if found else "",
+                "p*": f"{row.p_star:.3f}" if found else "",
+                "method": row.method,
+            }
+        )
+    columns = [
+        "setting",
+        "batch size",
+        "optimizer",
+        "powers",
+        "best p",
+        "final loss",
+        "p*",
+        "method",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def fit_frame_text(analysis: CompareAnalysis) -> pd.DataFrame:
+    """Format the power-law fits as display text."""
+    rows = []
+    for fit in analysis.fits:
+        rows.append(
+            {
+                "series": fit.series,
+                "batch size": "per size" if fit.batch_size is None else fit.batch_size,
+                "variant": fit.variant,
+                "points": fit.points,
+                "A": f"{fit.amplitude:.4g}",
+                "alpha": f"{fit.alpha:.4f}",
+                "alpha s.e.": "exact fit" if fit.exact else f"{fit.alpha_stderr:.4f}",
+                "R^2": "exact fit" if fit.exact else f"{fit.r_squared:.4f}",
+            }
+        )
+    columns = ["series", "batch size", "variant", "points", "A", "alpha"]
+    return pd.DataFrame(rows, columns=[*columns, "alpha s.e.", "R^2"])
+
+
+def _count_line(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    line = (
+        f"trials: {total} recorded, {counts['complete']} complete (used), "
+        f"{counts['diverged']} diverged, {counts['failed']} failed"
+    )
+    if counts.get("other"):
+        line += f", {counts['other']} in another state"
+    return line
+
+
+def compare_markdown(analysis: CompareAnalysis) -> str:
+    """Format a compare analysis as the Markdown text that the CLI prints."""
+    parts = [
+        (
+            f"# {analysis.study} ({analysis.scale}), run {analysis.run_id}: final "
+            f"validation loss after {_budget_text(analysis.trials)}"
+        ),
+        "",
+        _count_line(analysis.counts),
+        "",
+        "## Gap to the baseline",
+        "",
+        frame_to_markdown(gap_frame(analysis)),
+        GAP_FOOTNOTE,
+    ]
+    if len(analysis.best_powers):
+        parts += [
+            "",
+            "## Best power",
+            "",
+            frame_to_markdown(best_power_frame(analysis)),
+        ]
+    if analysis.fits:
+        parts += [
+            "",
+            "## Loss against parameters: L(N) = A * N^(-alpha)",
+            "",
+            frame_to_markdown(fit_frame_text(analysis)),
+        ]
+        for row in analysis.fit_gaps.itertuples():
+            parts.append(
+                f"- series {row.series!r}, {row.variant} vs {row.baseline}: "
+                f"predicted gap {_signed(row.predicted_gap)} at N = "
+                f"{row.model_params:.4g} ({row.baseline_predicted:.4f} vs "
+                f"{row.variant_predicted:.4f})"
+            )
+    if analysis.notes:
+        parts += ["", "## Notes", ""]
+        parts += [f"- {note}" for note in analysis.notes]
+    return "\n".join(parts) + "\n"
+
+
+def lr_table_frame(analysis: LrTuneAnalysis) -> pd.DataFrame:
+    """Return rows (label, batch size), columns lr_max, and the best lr_max."""
+    lrs = sorted(analysis.grid.lr_max.unique())
+    best = {(b.label, b.batch_size): b.lr_max for b in analysis.best}
+    rows = []
+    for (label, batch_size), group in analysis.grid.groupby(["label", "batch_size"]):
+        row: dict[str, object] = {"label": label, "batch size": int(batch_size)}
+        by_lr = {cell.lr_max: cell for cell in group.itertuples()}
+        for lr_max in lrs:
+            cell = by_lr.get(lr_max)
+            row[f"lr_max={lr_max:g}"] = (
+                "" if cell is None else _loss_text(cell.loss, cell.loss_sd, cell.state)
+            )
+        chosen = best.get((label, int(batch_size)))
+        row["best lr_max"] = "none" if chosen is None else f"{chosen:g}"
+        rows.append(row)
+    columns = ["label", "batch size", *[f"lr_max={lr:g}" for lr in lrs], "best lr_max"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _bold_best_lr(frame: pd.DataFrame, bold) -> pd.DataFrame:
+    frame = frame.copy()
+    for index, row in frame.iterrows():
+        if row["best lr_max"] == "none":
+            continue
+        column = f"lr_max={row['best lr_max']}"
+        frame.at[index, column] = bold(str(row[column]))
+    return frame
+
+
+def lr_tune_markdown(analysis: LrTuneAnalysis) -> str:
+    """Format an lr_tune analysis as the Markdown text that the CLI prints."""
+    table = _bold_best_lr(lr_table_frame(analysis), lambda text: f"**{text}**")
+    parts = [
+        (
+            f"# {analysis.study} ({analysis.scale}), run {analysis.run_id}: Adam "
+            f"(p = 1) final validation loss by lr_max after "
+            f"{_budget_text(analysis.trials)}"
+        ),
+        "",
+        _count_line(analysis.counts),
+        "",
+        frame_to_markdown(table),
+        LR_FOOTNOTE,
+    ]
+    if analysis.notes:
+        parts += ["", "## Notes", ""]
+        parts += [f"- {note}" for note in analysis.notes]
+    return "\n".join(parts) + "\n"
+
+
+# Files
+
+
+def frame_to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
+    """Render a text frame as a booktabs `table` float with escaped cells.
+
+    A cell already wrapped in \\textbf{...} keeps its command.
+    """
+    columns = [str(c) for c in frame.columns]
+    lines = [
+        "% Needs \\usepackage{booktabs} in the preamble.",
+        r"\begin{table}[htbp]",
+        r"  \centering",
+        f"  \\caption{{{_latex_escape(caption)}}}",
+        f"  \\label{{{label}}}",
+        f"  \\begin{{tabular}}{{{'l' * len(columns)}}}",
+        r"    \toprule",
+        "    " + " & ".join(_latex_escape(c) for c in columns) + r" \\",
+        r"    \midrule",
+    ]
+    for _, row in frame.iterrows():
+        cells = []
+        for value in row:
+            text = str(value)
+            if text.startswith("\\textbf{") and text.endswith("}"):
+                cells.append(f"\\textbf{{{_latex_escape(text[8:-1])}}}")
+            else:
+                cells.append(_latex_escape(text))
+        lines.append("    " + " & ".join(cells) + r" \\")
+    lines += [r"    \bottomrule", r"  \end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_label(analysis, name: str) -> str:
+    return f"tab:{analysis.study}-{analysis.scale}-{name}".replace("_", "-")
+
+
+def _title(analysis) -> str:
+    return f"{analysis.study} ({analysis.scale})"
+
+
+def _write_best_power_files(
+    analysis: CompareAnalysis, directory: Path, paths: dict[str, Path]
+) -> None:
+    paths["best_power_csv"] = directory / f"{analysis.stem}-best-power.csv"
+    analysis.best_powers.to_csv(paths["best_power_csv"], index=False)
+    paths["best_power_latex"] = directory / f"{analysis.stem}-best-power.tex"
+    paths["best_power_latex"].write_text(
+        frame_to_latex(
+            best_power_frame(analysis),
+            f"{_title(analysis)}: best power p",
+            _latex_label(analysis, "best-power"),
+        )
+    )
+
+
+def _write_fit_files(
+    analysis: CompareAnalysis, directory: Path, paths: dict[str, Path]
+) -> None:
+    fits = fits_frame(analysis.fits)
+    paths["fits_csv"] = directory / f"{analysis.stem}-fits.csv"
+    fits.to_csv(paths["fits_csv"], index=False)
+    paths["fits_latex"] = directory / f"{analysis.stem}-fits.tex"
+    paths["fits_latex"].write_text(
+        frame_to_latex(
+            fit_frame_text(analysis),
+            f"{_title(analysis)}: L(N) = A N^(-alpha)",
+            _latex_label(analysis, "fits"),
+        )
+    )
+    paths["plot_scaling"] = plot_loss_vs_params(
+        analysis.cells,
+        fits,
+        _title(analysis),
+        directory / f"{analysis.stem}-loss-vs-params.png",
+    )
+
+
+def export_compare(analysis: CompareAnalysis, directory: Path) -> dict[str, Path]:
+    """Write the compare tables (Markdown, CSV, LaTeX) and plots, return the paths.
+
+    The best-power files come only with best-power rows, and the fit files
+    and the loss-against-parameters plot only with power-law fits.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = analysis.stem
+    paths: dict[str, Path] = {}
+    paths["markdown"] = directory / f"{stem}.md"
+    paths["markdown"].write_text(compare_markdown(analysis))
+    paths["csv"] = directory / f"{stem}-gaps.csv"
+    analysis.gaps.to_csv(paths["csv"], index=False)
+    paths["trials_csv"] = directory / f"{stem}-trials.csv"
+    analysis.trials.to_csv(paths["trials_csv"], index=False)
+
+    caption = (
+        f"{_title(analysis)}: final validation loss, median over seeds at the "
+        "best lr_max of each variant, and the gap to the baseline (positive: the "
+        "variant is better)"
+    )
+    paths["latex"] = directory / f"{stem}-gaps.tex"
+    paths["latex"].write_text(
+        frame_to_latex(gap_frame(analysis), caption, _latex_label(analysis, "gaps"))
+    )
+    paths["plot_power"] = plot_loss_vs_power(
+        analysis.cells,
+        analysis.best_powers,
+        _title(analysis),
+        directory / f"{stem}-loss-vs-power.png",
+    )
+
+    if len(analysis.best_powers):
+        _write_best_power_files(analysis, directory, paths)
+    if analysis.fits:
+        _write_fit_files(analysis, directory, paths)
+    return paths
+
+
+def export_lr_tune(analysis: LrTuneAnalysis, directory: Path) -> dict[str, Path]:
+    """Write the lr_max table, the best rates as JSON and the plot, return the paths.
+
+    `best_lr` is a JSON list of BestRate dicts, the input of `--lr-from`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = analysis.stem
+    paths: dict[str, Path] = {}
+    paths["markdown"] = directory / f"{stem}.md"
+    paths["markdown"].write_text(lr_tune_markdown(analysis))
+    paths["csv"] = directory / f"{stem}-lr-grid.csv"
+    analysis.grid.to_csv(paths["csv"], index=False)
+    table = _bold_best_lr(lr_table_frame(analysis), lambda text: f"\\textbf{{{text}}}")
+    paths["latex"] = directory / f"{stem}-lr-grid.tex"
+    paths["latex"].write_text(
+        frame_to_latex(
+            table,
+            f"{_title(analysis)}: Adam final validation loss by lr_max (bold: the "
+            "best lr_max of the row)",
+            _latex_label(analysis, "lr-grid"),
+        )
+    )
+    paths["best_lr"] = directory / f"{stem}-best_lr.json"
+    paths["best_lr"].write_text(
+        json.dumps([rate.to_dict() for rate in analysis.best], indent=2) + "\n"
+    )
+    paths["plot"] = plot_loss_vs_lr(
+        analysis.grid,
+        _title(analysis),
+        directory / f"{stem}-loss-vs-lr.png",
+    )
+    return paths

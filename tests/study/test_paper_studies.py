@@ -1,0 +1,263 @@
+"""The fixed-budget studies (final loss after the whole budget) at the smoke scale.
+
+One workspace runs lr_tune, then power_sweep with `--lr-from lr_tune`, then
+adam_vs_adampower, muon_power and blockwise_lr, each through Ray Tune, MLflow
+and Optuna, and the tests compare the exported tables with the recorded trials.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from study.cli import main
+from study.spec import StudyFileError, available_studies, load_study
+from tests.study.resilience_support import child_runs, optuna_trials, study_command
+
+pytestmark = pytest.mark.slow
+
+FIXED_BUDGET_STUDIES = (
+    "lr_tune",
+    "power_sweep",
+    "adam_vs_adampower",
+    "muon_power",
+    "blockwise_lr",
+)
+
+
+def _run(workspace, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        study_command(
+            "run", name, "--scale", "smoke", "--workspace", str(workspace), *extra
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Run every fixed-budget study once in one workspace, in dependency order."""
+    workspace = tmp_path_factory.mktemp("paper_studies")
+    results = {"lr_tune": _run(workspace, "lr_tune")}
+    results["power_sweep"] = _run(workspace, "power_sweep", "--lr-from", "lr_tune")
+    for name in ("adam_vs_adampower", "muon_power", "blockwise_lr"):
+        results[name] = _run(workspace, name)
+    return workspace, results
+
+
+def _final_losses(workspace, study: str) -> pd.DataFrame:
+    rows = []
+    for trial in optuna_trials(workspace, study):
+        rows.append(
+            {
+                **trial.params,
+                "key": trial.user_attrs["trial_key"],
+                "label": trial.user_attrs["trial_key"].split("/")[0],
+                "state": trial.user_attrs["end_state"],
+                "loss": trial.value,
+                "params": trial.user_attrs.get("model_params"),
+                "steps": trial.user_attrs["steps_done"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _export(workspace, study: str, suffix: str):
+    (path,) = (workspace / "exports").glob(f"{study}-smoke-*{suffix}")
+    return path
+
+
+@pytest.mark.parametrize("name", FIXED_BUDGET_STUDIES)
+def test_every_trial_trains_its_whole_budget(studies, name):
+    workspace, results = studies
+    completed = results[name]
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    scale = load_study(name).scale("smoke")
+    size = sum(entry.grid.size() for entry in scale.workloads.values())
+    runs = child_runs(workspace, name)
+    assert len(runs) == size
+    assert {run.data.tags["end_state"] for run in runs} == {"complete"}
+    trials = _final_losses(workspace, name)
+    assert len(trials) == size
+    assert set(trials.state) == {"complete"}
+    budgets = {entry.budget.steps for entry in scale.workloads.values()}
+    assert set(trials.steps) == budgets
+    for run in runs:
+        # The Optuna objective is the final validation loss of the MLflow run.
+        trial = trials[trials.key == run.data.tags["trial_key"]].iloc[0]
+        assert trial.loss == pytest.approx(run.data.metrics["val/loss"])
+    assert (trials.params > 0).all()
+
+
+def test_lr_tune_picks_the_lowest_final_loss(studies):
+    workspace, _ = studies
+    trials = _final_losses(workspace, "lr_tune")
+    expected = trials.loc[trials.loss.idxmin(), "lr_max"]
+    best = json.loads(_export(workspace, "lr_tune", "best_lr.json").read_text())
+    assert [(row["batch_size"], row["lr_max"]) for row in best] == [(4, expected)]
+    grid = pd.read_csv(_export(workspace, "lr_tune", "-lr-grid.csv"))
+    assert sorted(grid.lr_max) == sorted(trials.lr_max)
+    assert list(grid[grid.best].lr_max) == [expected]
+
+
+def test_power_sweep_runs_at_the_tuned_rate(studies):
+    workspace, results = studies
+    tuned = _final_losses(workspace, "lr_tune")
+    best_lr = tuned.loc[tuned.loss.idxmin(), "lr_max"]
+    assert f"lm: bs 4: {best_lr:g}" in results["power_sweep"].stdout
+    sweep = _final_losses(workspace, "power_sweep")
+    assert set(sweep.lr_max) == {best_lr}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("power_sweep")
+    (parent,) = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
+    assert parent.data.tags["lr_from"].startswith("lr_tune run ")
+    assert json.loads(parent.data.tags["lr_overrides"]) == {"lm": {"4": best_lr}}
+
+    best_power = pd.read_csv(_export(workspace, "power_sweep", "-best-power.csv"))
+    assert (
+        float(best_power.best_power.iloc[0]) == sweep.loc[sweep.loss.idxmin(), "power"]
+    )
+    assert _export(workspace, "power_sweep", "-loss-vs-power.png").stat().st_size > 0
+
+
+def _gaps(workspace, study: str) -> pd.DataFrame:
+    return pd.read_csv(_export(workspace, study, "-gaps.csv"))
+
+
+def test_adam_vs_adampower_gap_and_scaling_fit(studies):
+    workspace, results = studies
+    trials = _final_losses(workspace, "adam_vs_adampower")
+    gaps = _gaps(workspace, "adam_vs_adampower")
+    assert set(gaps.setting) == {"llama_tiny", "llama_cpu_s", "qwen2moe_tiny"}
+    for label, group in trials.groupby("label"):
+        adam = group[group.power == 1.0].loss.iloc[0]
+        power = group[group.power == 1.2].loss.iloc[0]
+        row = gaps[(gaps.setting == label) & (gaps.variant == "AdamPower")]
+        assert float(row.gap.iloc[0]) == pytest.approx(adam - power, abs=1e-4)
+    # The two LLaMA sizes of the llama-cos series differ in parameter count.
+    sizes = trials[trials.label.isin(["llama_tiny", "llama_cpu_s"])].params
+    assert sizes.nunique() == 2
+    assert "llama-cos" in results["adam_vs_adampower"].stdout
+
+
+def test_muon_power_compares_with_muon(studies):
+    workspace, _ = studies
+    gaps = _gaps(workspace, "muon_power")
+    assert list(gaps.variant) == ["Muon", "MuonPower"]
+    assert gaps.baseline.iloc[1] == "Muon"
+
+
+def test_blockwise_lr_puts_four_variants_in_one_row(studies):
+    workspace, _ = studies
+    gaps = _gaps(workspace, "blockwise_lr")
+    assert set(gaps.setting) == {"llama-tiny"}
+    assert set(gaps.variant) == {
+        "Adam",
+        "AdamPower",
+        "Adam + Blockwise LR",
+        "AdamPower + Blockwise LR",
+    }
+    assert set(gaps.baseline.dropna()) - {"(baseline)"} == {"Adam"}
+
+
+def test_lr_from_rejects_a_run_started_without_it(studies, capsys):
+    """Continuing an unfinished run with other rates would change its grid."""
+    workspace, _ = studies
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("blockwise_lr")
+    (parent,) = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
+    before = len(child_runs(workspace, "blockwise_lr"))
+    client.update_run(parent.info.run_id, status="RUNNING")
+    try:
+        code = main(
+            ["run", "blockwise_lr", "--scale", "smoke", "--workspace", str(workspace)]
+            + ["--lr-from", "lr_tune"]
+        )
+    finally:
+        client.set_terminated(parent.info.run_id)
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "started with the study file's lr_max" in error
+    assert "--fresh" in error
+    assert len(child_runs(workspace, "blockwise_lr")) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--lr-from", "batch_power_grid"], "has analysis 'power_trend', not lr_tune"),
+        (["--lr-from", "no_such_study"], "Unknown study 'no_such_study'"),
+        (["--lr-from-run", "20260101-000000-abcd"], "needs --lr-from STUDY"),
+        (["--lr-from", "power_sweep"], "names the study being run"),
+    ],
+)
+def test_lr_from_rejects_bad_values(tmp_path, capsys, extra, expected):
+    code = main(
+        ["run", "power_sweep", "--scale", "smoke", "--workspace", str(tmp_path)] + extra
+    )
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    # Rejected before the workspace's stores were created.
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_lr_from_without_a_recorded_tuning_run(tmp_path, capsys):
+    code = main(
+        ["run", "power_sweep", "--scale", "smoke", "--workspace", str(tmp_path)]
+        + ["--lr-from", "lr_tune"]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "lr_tune" in error
+    assert "study run lr_tune --scale smoke" in error
+
+
+def _bundled(name: str) -> dict:
+    return yaml.safe_load(available_studies()[name].read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "expected"),
+    [
+        (
+            "power_sweep",
+            lambda lm: lm.update(target={"metric": "val/loss", "value": 4.0}),
+            "sets a target, but the compare analysis",
+        ),
+        (
+            "lr_tune",
+            lambda lm: lm["grid"].update(power=[1.0, 1.2]),
+            "lr_tune tunes the Adam baseline",
+        ),
+        (
+            "batch_power_grid",
+            lambda lm: lm.pop("target"),
+            "has no target; the power_trend analysis",
+        ),
+    ],
+)
+def test_analysis_kind_checks_the_target(tmp_path, name, change, expected):
+    spec = _bundled(name)
+    entry = next(iter(spec["scales"]["smoke"]["workloads"].values()))
+    change(entry)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyFileError, match=expected):
+        load_study(str(path))
