@@ -13,8 +13,9 @@ optimizer and weight-decay choice. Every group carries:
 - ``name`` and ``block``, for the log line and for tests.
 
 ``adampower`` runs AdamPower on every group. ``muonpower`` runs
-`torch.optim.Muon` on the 2-D weight matrices of the transformer blocks and
-AdamPower on the rest, as Muon is meant only for hidden layers. The power
+`torch.optim.Muon` on the 2-D weight matrices of the transformer blocks,
+`StackedMuon` (the same update per expert) on the stacked MoE expert weights,
+and AdamPower on the rest, as Muon is meant only for hidden layers. The power
 goes onto the raw gradient before Muon's momentum. Muon uses
 ``adjust_lr_fn="match_rms_adamw"``, which scales each matrix's rate by
 0.2 * sqrt(max(fan_out, fan_in)) so that the update RMS matches AdamW's, and
@@ -32,6 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Muon, Optimizer
+
+# NOTE: private helpers of torch.optim.Muon (torch 2.14), reused so that each
+# expert gets exactly Muon's orthogonalization and rate scale. They may move in
+# another torch release.
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from trainers.config import TrialConfig
 from trainers.gradpower import AdamPower, GradPower
@@ -122,25 +128,35 @@ def build_param_groups(
     for name, block in parameter_blocks(model).items():
         param = named[name]
         decay = param.ndim >= 2
-        # NOTE: MoE expert weights are stacked [experts, out, in] tensors in
-        # transformers 5, which torch.optim.Muon rejects, so they stay on AdamPower.
+        # MoE expert weights are stacked [experts, out, in] tensors in
+        # transformers 5; StackedMuon updates each expert's matrix like Muon.
         to_muon = (
-            config.optimizer == "muonpower" and block in MUON_BLOCKS and param.ndim == 2
+            config.optimizer == "muonpower"
+            and block in MUON_BLOCKS
+            and param.ndim in (2, 3)
         )
         groups = muon_groups if to_muon else adam_groups
-        group = groups.get((block, decay))
+        # The fused gate and up projections of the experts form two matrices.
+        chunks = 2 if name.endswith("experts.gate_up_proj") else 1
+        key = (block, decay, param.ndim, chunks)
+        group = groups.get(key)
         if group is None:
             ratio = BLOCKWISE_LR_RATIOS.get(block, 1.0) if config.blockwise_lr else 1.0
             prefix = "muon" if to_muon else "adam"
+            suffix = ""
+            if to_muon and param.ndim == 3:
+                suffix = "/experts" + ("_gate_up" if chunks == 2 else "")
             group = {
                 "params": [],
-                "name": f"{prefix}/{block}" + ("" if decay else "/no_decay"),
+                "name": f"{prefix}/{block}{suffix}" + ("" if decay else "/no_decay"),
                 "block": block,
                 "lr_ratio": ratio,
                 "weight_decay": config.weight_decay if decay else 0.0,
                 "power": config.power,
             }
-            groups[(block, decay)] = group
+            if to_muon and param.ndim == 3:
+                group["row_chunks"] = chunks
+            groups[key] = group
         group["params"].append(param)
     return list(muon_groups.values()), list(adam_groups.values())
 
@@ -172,21 +188,26 @@ def build_optimizer(model: nn.Module, config: TrialConfig) -> Optimizer:
         )
     if config.optimizer == "muonpower" and not muon_groups:
         raise ValueError(
-            "muonpower found no 2-D attention or feed-forward weight matrices in "
+            "muonpower found no attention or feed-forward weight matrices in "
             f"{type(model).__name__} for Muon; use optimizer: adampower"
         )
 
     optimizers: list[Optimizer] = []
-    if muon_groups:
-        muon = Muon(
-            muon_groups,
-            lr=config.lr_max,
-            weight_decay=config.weight_decay,
-            momentum=config.muon_momentum,
-            nesterov=True,
-            adjust_lr_fn="match_rms_adamw",
-        )
+    muon_settings = {
+        "lr": config.lr_max,
+        "weight_decay": config.weight_decay,
+        "momentum": config.muon_momentum,
+        "nesterov": True,
+        "adjust_lr_fn": "match_rms_adamw",
+    }
+    matrix_groups = [g for g in muon_groups if "row_chunks" not in g]
+    stacked_groups = [g for g in muon_groups if "row_chunks" in g]
+    if matrix_groups:
+        muon = Muon(matrix_groups, **muon_settings)
         optimizers.append(GradPower(muon, power=config.power))
+    if stacked_groups:
+        stacked = StackedMuon(stacked_groups, **muon_settings)
+        optimizers.append(GradPower(stacked, power=config.power))
     if adam_groups:
         # The fused AdamW kernel exists for CPU and CUDA and makes one pass
         # over each tensor instead of the single-tensor path's many.
@@ -232,6 +253,92 @@ def _log_param_groups(optimizer: Optimizer, config: TrialConfig) -> None:
             group["weight_decay"],
             group["power"],
         )
+
+
+class StackedMuon(Optimizer):
+    """Muon for stacked matrices of shape [n, rows, cols], such as MoE experts.
+
+    Every one of the n matrices gets `torch.optim.Muon`'s update: Nesterov
+    momentum, Newton-Schulz orthogonalization, the ``adjust_lr_fn`` rate
+    scale of a rows x cols matrix, and decoupled weight decay. A group's
+    ``row_chunks`` (default 1) splits each matrix into that many equal row
+    blocks that are orthogonalized apart, for fused projections such as the
+    experts' gate and up weights.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        adjust_lr_fn: str | None = None,
+        ns_steps: int = 5,
+    ) -> None:
+        # Muon's defaults for the iteration, so that both optimizers agree.
+        reference = Muon([torch.zeros(1, 1)])
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "adjust_lr_fn": adjust_lr_fn,
+            "ns_steps": ns_steps,
+            "ns_coefficients": reference.defaults["ns_coefficients"],
+            "eps": reference.defaults["eps"],
+            "row_chunks": 1,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                rows = param.size(1) if param.ndim == 3 else 0
+                if param.ndim != 3 or rows % group["row_chunks"]:
+                    raise ValueError(
+                        f"StackedMuon needs [n, rows, cols] tensors whose rows split "
+                        f"into {group['row_chunks']} equal blocks, not shape "
+                        f"{tuple(param.shape)}; give 2-D matrices to torch.optim.Muon"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            momentum = group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = (
+                    param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                )
+                param.mul_(1 - lr * group["weight_decay"])
+                row_blocks = zip(
+                    param.chunk(group["row_chunks"], dim=1),
+                    update.chunk(group["row_chunks"], dim=1),
+                    strict=True,
+                )
+                for param_block, update_block in row_blocks:
+                    rate = _adjust_lr(lr, group["adjust_lr_fn"], param_block.shape[1:])
+                    for matrix, matrix_update in zip(
+                        param_block, update_block, strict=True
+                    ):
+                        orthogonal = _zeropower_via_newtonschulz(
+                            matrix_update,
+                            group["ns_coefficients"],
+                            group["ns_steps"],
+                            group["eps"],
+                        )
+                        matrix.add_(orthogonal, alpha=-rate)
+        return loss
 
 
 class CombinedOptimizer(Optimizer):

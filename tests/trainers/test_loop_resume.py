@@ -56,10 +56,15 @@ def _config(data: dict, **changes) -> TrialConfig:
     return TrialConfig(**{**values, **changes})
 
 
-def test_loop_resume_matches_uninterrupted(lm_data):
+MUON_MOE = {"optimizer": "muonpower", "model": {"family": "qwen2moe", "preset": "tiny"}}
+
+
+@pytest.mark.parametrize("changes", [{}, MUON_MOE], ids=["adampower", "muonpower_moe"])
+def test_loop_resume_matches_uninterrupted(lm_data, changes):
     straight: list[dict] = []
     run_trial(
-        _config(lm_data), lambda metrics, checkpoint=None: straight.append(metrics)
+        _config(lm_data, **changes),
+        lambda metrics, checkpoint=None: straight.append(metrics),
     )
 
     first_part: list[dict] = []
@@ -75,18 +80,21 @@ def test_loop_resume_matches_uninterrupted(lm_data):
                 )
             )
 
-    run_trial(_config(lm_data), report)
+    run_trial(_config(lm_data, **changes), report)
     restore = saved[1]
     assert restore["counters"]["step"] == 16
 
     resumed: list[dict] = []
     run_trial(
-        _config(lm_data), lambda m, checkpoint=None: resumed.append(m), restore=restore
+        _config(lm_data, **changes),
+        lambda m, checkpoint=None: resumed.append(m),
+        restore=restore,
     )
     expected = [m for m in straight if m["step"] > 16]
     assert [m["step"] for m in resumed] == [m["step"] for m in expected]
     assert [m["train/lr"] for m in resumed] == [m["train/lr"] for m in expected]
     for got, want in zip(resumed, expected):
+        assert math.isfinite(got["train/loss"])
         assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-5)
 
 

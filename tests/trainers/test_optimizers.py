@@ -16,6 +16,7 @@ from trainers.gradpower import AdamPower, GradPower, power_transform
 from trainers.optimizers import (
     BLOCKWISE_LR_RATIOS,
     CombinedOptimizer,
+    StackedMuon,
     build_optimizer,
     describe_param_groups,
     parameter_blocks,
@@ -130,7 +131,7 @@ def test_blockwise_lr_rejected_with_muonpower():
 def test_muonpower_rejected_without_weight_matrices():
     model = build_resnet("tiny", in_channels=3)
 
-    with pytest.raises(ValueError, match="muonpower found no 2-D"):
+    with pytest.raises(ValueError, match="muonpower found no attention"):
         build_optimizer(model, config(workload="vision", optimizer="muonpower"))
 
 
@@ -176,16 +177,79 @@ def test_muonpower_splits_hidden_matrices_from_the_rest():
         assert group["power"] == 1.2
 
 
-def test_muonpower_keeps_moe_expert_stacks_on_adampower():
+def test_muonpower_sends_moe_expert_stacks_to_stacked_muon():
     with torch.device("meta"):
         model = build_language_model({"family": "qwen2moe", "preset": "tiny"}, 64, 16)
 
     optimizer = build_optimizer(model, config(optimizer="muonpower"))
-    muon, adam = optimizer.optimizers
-    adam_shapes = [p.ndim for group in adam.param_groups for p in group["params"]]
+    muon, stacked, adam = optimizer.optimizers
+    names = {id(param): name for name, param in model.named_parameters()}
+    stacked_names = {
+        names[id(p)] for group in stacked.param_groups for p in group["params"]
+    }
 
+    assert isinstance(stacked.optimizer, StackedMuon)
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
-    assert 3 in adam_shapes
+    assert all(p.ndim < 3 for g in adam.param_groups for p in g["params"])
+    assert stacked_names == {
+        f"model.layers.{layer}.mlp.experts.{kind}"
+        for layer in (0, 1)
+        for kind in ("gate_up_proj", "down_proj")
+    }
+    chunks = {group["name"]: group["row_chunks"] for group in stacked.param_groups}
+    assert chunks == {"muon/ffn/experts_gate_up": 2, "muon/ffn/experts": 1}
+    router = groups_by_name(adam)["adam/router"]
+    assert router["params"]
+
+
+@pytest.mark.parametrize("row_chunks", [1, 2])
+def test_stacked_muon_matches_muon_per_matrix(row_chunks):
+    """Each expert's row block moves exactly as under torch.optim.Muon."""
+    torch.manual_seed(0)
+    stacked_param = torch.nn.Parameter(torch.randn(3, 8, 6))
+    blocks = [
+        torch.nn.Parameter(block.detach().clone())
+        for matrix in stacked_param.detach()
+        for block in matrix.chunk(row_chunks, dim=0)
+    ]
+    settings = {
+        "lr": 0.02,
+        "weight_decay": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "adjust_lr_fn": "match_rms_adamw",
+    }
+    stacked = StackedMuon(
+        [{"params": [stacked_param], "row_chunks": row_chunks}], **settings
+    )
+    reference = Muon(blocks, **settings)
+
+    for step in range(3):
+        grad = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(step))
+        stacked_param.grad = grad.clone()
+        for block, block_grad in zip(
+            blocks,
+            [b for matrix in grad for b in matrix.chunk(row_chunks, dim=0)],
+            strict=True,
+        ):
+            block.grad = block_grad.clone()
+        stacked.step()
+        reference.step()
+
+    expected = torch.stack(
+        [
+            torch.cat(blocks[i * row_chunks : (i + 1) * row_chunks], dim=0)
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(stacked_param.detach(), expected.detach())
+
+
+def test_stacked_muon_rejects_uneven_row_blocks():
+    with pytest.raises(ValueError, match="split into 2 equal blocks"):
+        StackedMuon(
+            [{"params": [torch.nn.Parameter(torch.zeros(2, 5, 4))], "row_chunks": 2}]
+        )
 
 
 def test_muonpower_powers_gradient_before_muon():
