@@ -26,7 +26,7 @@ from study.metadata import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers import gradpower
+from trainers import gradpower, power_kernel
 from trainers.gradpower import AdamPower
 
 POWER = 1.2
@@ -94,17 +94,29 @@ def build_adampower(params: list[torch.nn.Parameter]) -> Callable[[], None]:
     return AdamPower(params, power=POWER, fused=True).step
 
 
-def build_adampower_eager(params: list[torch.nn.Parameter]) -> Callable[[], None]:
-    optimizer = AdamPower(params, power=POWER, fused=True)
+def build_adampower_with_env(
+    settings: dict[str, str],
+) -> Callable[[list[torch.nn.Parameter]], Callable[[], None]]:
+    """Return a builder whose steps run with the environment variables ``settings``."""
 
-    def step() -> None:
-        os.environ[gradpower.COMPILE_ENV_VAR] = "0"
-        try:
-            optimizer.step()
-        finally:
-            os.environ[gradpower.COMPILE_ENV_VAR] = "1"
+    def build(params: list[torch.nn.Parameter]) -> Callable[[], None]:
+        optimizer = AdamPower(params, power=POWER, fused=True)
 
-    return step
+        def step() -> None:
+            saved = {name: os.environ.get(name) for name in settings}
+            os.environ.update(settings)
+            try:
+                optimizer.step()
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = value
+
+        return step
+
+    return build
 
 
 def build_python_loop(params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -120,14 +132,32 @@ def build_python_loop(params: list[torch.nn.Parameter]) -> Callable[[], None]:
     return step
 
 
+KERNEL_OFF = {power_kernel.KERNEL_ENV_VAR: "0"}
 CANDIDATES = {
     "AdamW fused (baseline)": build_adamw,
-    f"AdamPower p={POWER} (compiled kernel)": build_adampower,
-    f"AdamPower p={POWER} (eager foreach, {gradpower.COMPILE_ENV_VAR}=0)": (
-        build_adampower_eager
+    f"AdamPower p={POWER} (fused C kernel)": build_adampower,
+    f"AdamPower p={POWER} (compiled power, {power_kernel.KERNEL_ENV_VAR}=0)": (
+        build_adampower_with_env(KERNEL_OFF)
+    ),
+    f"AdamPower p={POWER} (eager foreach, also {gradpower.COMPILE_ENV_VAR}=0)": (
+        build_adampower_with_env({**KERNEL_OFF, gradpower.COMPILE_ENV_VAR: "0"})
     ),
     "per-tensor Python loop + AdamW fused": build_python_loop,
 }
+
+
+def describe_adampower_path() -> str:
+    """Return which path AdamPower's default step takes for float32 CPU tensors."""
+    if not power_kernel.kernel_enabled():
+        return (
+            f"power transform + torch AdamW ({power_kernel.KERNEL_ENV_VAR}=0 or "
+            "the kernel build failed)"
+        )
+    library = power_kernel.load_kernel()
+    if library is None:
+        return "power transform + torch AdamW (the kernel build failed, see the log)"
+    variant = power_kernel.kernel_variant(library)
+    return f"fused C kernel, {variant} build at {library._name}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -160,6 +190,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault(gradpower.COMPILE_ENV_VAR, "1")
+    os.environ.setdefault(power_kernel.KERNEL_ENV_VAR, "1")
 
     shapes = decoder_shapes(args.params_millions)
     generator = torch.Generator().manual_seed(1)
@@ -172,7 +203,11 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"parameters: {numel / 1e6:.2f}M float32 in {len(shapes)} tensors")
-    print(f"repeats: {args.repeats} after 2 warm-up steps\n")
+    print(f"repeats: {args.repeats} after 2 warm-up steps")
+    started = time.perf_counter()
+    path = describe_adampower_path()
+    load_ms = (time.perf_counter() - started) * 1e3
+    print(f"AdamPower path: {path} (loaded in {load_ms:.0f} ms)\n")
 
     for candidate in candidates:
         candidate.first_step_seconds = candidate.timed_step()
@@ -199,7 +234,10 @@ def main() -> None:
             f"  {candidate.first_step_seconds * 1e3:8.0f}"
         )
     print("\nratios: step time over fused AdamW's, median to median and min to min")
-    print("first ms: the first step, which includes state setup and any compilation")
+    print(
+        "first ms: the first step, which includes state setup and any compilation "
+        "(the C kernel is built or loaded before the timed steps)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
+from trainers import power_kernel
+
 logger = logging.getLogger(__name__)
 
 # The compiled path: each tensor of at least COMPILE_MIN_NUMEL elements goes
@@ -279,11 +281,21 @@ class AdamPower(AdamW):
 
     The powered gradient feeds both moments. Bias correction and decoupled weight
     decay are AdamW's. ``step()`` overwrites each ``.grad`` with its powered
-    gradient before the AdamW update, so read gradient statistics before calling
-    it. With power == 1.0 the update is bitwise AdamW's with the same arguments.
+    gradient, so read gradient statistics before calling it. With power == 1.0
+    the update is bitwise AdamW's with the same arguments.
 
     A param group may set its own ``power``. Groups without one get the
     constructor's value.
+
+    On the CPU, contiguous float32 parameters of groups with power != 1.0 and
+    without amsgrad, maximize, capturable or differentiable take one fused pass
+    of a C kernel (see trainers/power_kernel.py) that powers the gradient in
+    registers and updates the moments and the parameter. Its power has a
+    relative error below 2e-7 against float64, where the other paths reach a
+    few 1e-6 (up to 1.1e-5 for the eager path), so its results differ from
+    theirs in the last bits. GRADPOWER_KERNEL=0 turns it off. All other
+    parameters get the power transform and torch's AdamW step with the
+    constructor's ``foreach`` and ``fused`` options.
 
     AMP: unlike fused AdamW, this optimizer does not take over unscaling from
     ``torch.amp.GradScaler``. The scaler unscales the gradients before ``step()``,
@@ -355,9 +367,101 @@ class AdamPower(AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _power_param_groups(self.param_groups, self._default_power)
-        super().step()
+        kernel_params = self._step_with_kernel()
+        # AdamW's step skips parameters whose gradient is None, so hiding the
+        # gradients that the kernel consumed keeps them from a second update.
+        held_grads = [param.grad for param in kernel_params]
+        for param in kernel_params:
+            param.grad = None
+        try:
+            if any(
+                param.grad is not None
+                for group in self.param_groups
+                for param in group["params"]
+            ):
+                _power_param_groups(self.param_groups, self._default_power)
+                super().step()
+        finally:
+            for param, grad in zip(kernel_params, held_grads):
+                param.grad = grad
         return loss
+
+    def _step_with_kernel(self) -> list[Tensor]:
+        """Update the parameters that the fused kernel supports and return them."""
+        if not power_kernel.kernel_enabled() or torch.compiler.is_compiling():
+            return []
+        candidates = [
+            (group, _kernel_params(group, self.state))
+            for group in self.param_groups
+            if _kernel_supports_group(group)
+        ]
+        candidates = [(group, params) for group, params in candidates if params]
+        if not candidates:
+            return []
+        library = power_kernel.load_kernel()
+        if library is None:
+            return []
+        updated: list[Tensor] = []
+        for group, params in candidates:
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            steps: list[Tensor] = []
+            # torch's own state initialization, so that the state layout and
+            # state_dict() stay AdamW's.
+            self._init_group(
+                {**group, "params": params}, [], grads, exp_avgs, exp_avg_sqs, [], steps
+            )
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            power_kernel.adamw_step(
+                library,
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [step.item() for step in steps],
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                power=group["power"],
+                write_powered_grads=True,
+            )
+            updated.extend(params)
+        return updated
+
+
+def _kernel_supports_group(group: dict[str, Any]) -> bool:
+    return (
+        group["power"] != 1.0
+        and group["power"] <= power_kernel.MAX_POWER
+        and not group["amsgrad"]
+        and not group["maximize"]
+        and not group["capturable"]
+        and not group["differentiable"]
+    )
+
+
+def _kernel_params(group: dict[str, Any], state: dict[Tensor, Any]) -> list[Tensor]:
+    """Return the params of ``group`` with a gradient that the kernel can update."""
+    params = []
+    for param in group["params"]:
+        grad = param.grad
+        if grad is None or not power_kernel.kernel_supports(param):
+            continue
+        if not power_kernel.kernel_supports(grad) or grad.shape != param.shape:
+            continue
+        param_state = state.get(param, {})
+        moments = [param_state.get("exp_avg"), param_state.get("exp_avg_sq")]
+        if all(
+            moment is None
+            or (power_kernel.kernel_supports(moment) and moment.shape == param.shape)
+            for moment in moments
+        ):
+            params.append(param)
+    return params
 
 
 def _check_adam_power(power: Any) -> float:
