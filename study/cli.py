@@ -482,18 +482,18 @@ def _final_state_analysis(analysis_kind: str):
         from study.toy_analysis import analyze_toy, export_toy, toy_markdown
 
         return analyze_toy, toy_markdown, export_toy
-    from study import compare_analysis
+    from study import compare_analysis, compare_export
 
     if analysis_kind == "lr_tune":
         return (
             compare_analysis.analyze_lr_tune,
-            compare_analysis.lr_tune_markdown,
-            compare_analysis.export_lr_tune,
+            compare_export.lr_tune_markdown,
+            compare_export.export_lr_tune,
         )
     return (
         compare_analysis.analyze_compare,
-        compare_analysis.compare_markdown,
-        compare_analysis.export_compare,
+        compare_export.compare_markdown,
+        compare_export.export_compare,
     )
 
 

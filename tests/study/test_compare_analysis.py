@@ -15,10 +15,12 @@ from study.compare_analysis import (
     analyze_compare,
     analyze_lr_tune,
     best_learning_rates,
+    fit_power_law,
+)
+from study.compare_export import (
     compare_markdown,
     export_compare,
     export_lr_tune,
-    fit_power_law,
     lr_tune_markdown,
 )
 from study.spec import StudyFileError
