@@ -129,10 +129,22 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str | None) -> str:
+    """Return the id of experiment `name`, creating it if it does not exist.
+
+    Two drivers that share a tracking server may both find no experiment and
+    both create it; the loser of that race reads the winner's experiment.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_uri)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_uri)
+    except MlflowException as error:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        logger.info("experiment %s was created by another driver (%s)", name, error)
+        return experiment.experiment_id
 
 
 def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> dict:
