@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LambdaLR
 
 SCHEDULES = ("cos", "wsd", "constant")
 
@@ -103,6 +104,9 @@ def build_scheduler(
         ValueError: the schedule arguments are invalid (see :func:`lr_at`), or a
             group's ``lr_ratio`` is not a finite number > 0.
     """
+    # Imported here so that validating a study file does not load torch.
+    from torch.optim.lr_scheduler import LambdaLR
+
     _check_arguments(
         step=0,
         schedule=schedule,
