@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from study.spec import SCALES, StudyFileError, available_studies, load_study
@@ -523,6 +524,25 @@ def _analyze_final_states(
         if client is not None and parent_run_id is not None:
             for path in paths.values():
                 client.log_artifact(parent_run_id, str(path), "exports")
+            _log_summary_metrics(client, parent_run_id, spec, analysis)
+
+
+def _log_summary_metrics(client, parent_run_id: str, spec, analysis) -> None:
+    """Log a comparison's gaps, best powers and exponents, or a tuning run's best
+    rates, as metrics of the parent run, so the MLflow UI can chart them."""
+    if _analysis_kind(spec) == "toy_noise":
+        return
+    from mlflow.entities import Metric
+
+    from study.compare_export import summary_metrics
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(name, value, now, 0) for name, value in summary_metrics(analysis).items()
+    ]
+    # log_batch takes at most 1000 metrics per call.
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(parent_run_id, metrics=metrics[start : start + 1000])
 
 
 def command_run(args: argparse.Namespace) -> int:

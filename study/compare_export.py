@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -402,3 +403,35 @@ def export_lr_tune(analysis: LrTuneAnalysis, directory: Path) -> dict[str, Path]
         directory / f"{stem}-loss-vs-lr.png",
     )
     return paths
+
+
+def _metric_segment(text: str) -> str:
+    """Return `text` as one segment of an MLflow metric name: each run of
+    characters other than letters, digits, `-` and `.` becomes one `_`."""
+    return re.sub(r"[^\w\-.]+", "_", str(text)).strip("_")
+
+
+def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, float]:
+    """Return the headline numbers of an analysis as MLflow metric names and values,
+    for the run's parent run: gaps, best powers and fitted exponents of a
+    comparison, or the best lr_max of each (label, batch size) of a tuning run."""
+    metrics: dict[str, float] = {}
+    if isinstance(analysis, LrTuneAnalysis):
+        for rate in analysis.best:
+            name = f"best_lr/{_metric_segment(rate.label)}/bs_{rate.batch_size}"
+            metrics[name] = float(rate.lr_max)
+        return metrics
+    for row in analysis.gaps.itertuples():
+        if row.status == "ok":
+            where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
+            metrics[f"gap/{where}/{_metric_segment(row.variant)}"] = float(row.gap)
+    for row in analysis.best_powers.itertuples():
+        where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
+        optimizer = _metric_segment(
+            row.base + (BLOCKWISE_SUFFIX if row.blockwise_lr else "")
+        )
+        metrics[f"p_star/{where}/{optimizer}"] = float(row.p_star)
+    for fit in analysis.fits:
+        name = f"fit/{_metric_segment(fit.series)}/{_metric_segment(fit.variant)}"
+        metrics[f"{name}/alpha"] = float(fit.alpha)
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}

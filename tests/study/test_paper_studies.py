@@ -153,6 +153,45 @@ def test_adam_vs_adampower_gap_and_scaling_fit(studies):
     assert "llama-cos" in results["adam_vs_adampower"].stdout
 
 
+def _parent_metrics(workspace, study: str) -> dict[str, float]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    (parent,) = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
+    return parent.data.metrics
+
+
+def test_parent_runs_carry_the_headline_numbers(studies):
+    workspace, _ = studies
+    gaps = _gaps(workspace, "blockwise_lr")
+    metrics = _parent_metrics(workspace, "blockwise_lr")
+    names = {
+        "AdamPower": "AdamPower",
+        "Adam + Blockwise LR": "Adam_Blockwise_LR",
+        "AdamPower + Blockwise LR": "AdamPower_Blockwise_LR",
+    }
+    compared = gaps[gaps.status == "ok"]
+    assert set(compared.variant) == set(names)
+    for row in compared.itertuples():
+        name = f"gap/llama-tiny/bs_4/{names[row.variant]}"
+        assert metrics[name] == pytest.approx(row.gap)
+
+    tuned = _final_losses(workspace, "lr_tune")
+    best_lr = tuned.loc[tuned.loss.idxmin(), "lr_max"]
+    assert _parent_metrics(workspace, "lr_tune") == {"best_lr/llama_tiny/bs_4": best_lr}
+
+    sweep = _parent_metrics(workspace, "power_sweep")
+    best_power = pd.read_csv(_export(workspace, "power_sweep", "-best-power.csv"))
+    assert sweep["p_star/lm/bs_4/Adam"] == pytest.approx(best_power.p_star.iloc[0])
+    assert {name for name in sweep if name.startswith("gap/")} == {
+        "gap/lm/bs_4/AdamPower_p_0.8",
+        "gap/lm/bs_4/AdamPower_p_1.2",
+    }
+
+
 def test_muon_power_compares_with_muon(studies):
     workspace, _ = studies
     gaps = _gaps(workspace, "muon_power")
