@@ -1,4 +1,4 @@
-"""Time one optimizer step of AdamPower against fused AdamW on the CPU.
+"""Time one optimizer step of AdamPower against fused AdamW on the CPU or a GPU.
 
 The parameters mimic a small LLaMA-style decoder (tied embedding, attention and
 SwiGLU matrices, norm gains) sized to --params-millions. Every candidate gets the
@@ -7,7 +7,7 @@ overwrites them. Candidates run in turn within each repeat, so load from other
 processes spreads over all of them. The table reports the median and the minimum
 over the repeats and the median's ratio to fused AdamW.
 
-Run from the repository root: python benchmarks/power_step.py
+Run from the repository root: python benchmarks/power_step.py [--device cuda]
 """
 
 from __future__ import annotations
@@ -62,11 +62,15 @@ class Candidate:
         shapes: list[tuple[int, ...]],
         grads: list[torch.Tensor],
         build: Callable[[list[torch.nn.Parameter]], Callable[[], None]],
+        device: torch.device,
     ) -> None:
         self.name = name
+        self.device = device
         generator = torch.Generator().manual_seed(0)
         self.params = [
-            torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
+            torch.nn.Parameter(
+                (torch.randn(shape, generator=generator) * 0.02).to(device)
+            )
             for shape in shapes
         ]
         for param, grad in zip(self.params, grads):
@@ -81,9 +85,17 @@ class Candidate:
 
     def timed_step(self) -> float:
         self.restore_grads()
+        _synchronize(self.device)
         started = time.perf_counter()
         self.step()
+        _synchronize(self.device)
         return time.perf_counter() - started
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer sees the whole step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_adamw(params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -144,10 +156,21 @@ CANDIDATES = {
     ),
     "per-tensor Python loop + AdamW fused": build_python_loop,
 }
+# On a GPU the C kernel does not apply: AdamPower's default is the compiled power.
+GPU_CANDIDATES = {
+    "AdamW fused (baseline)": build_adamw,
+    f"AdamPower p={POWER} (compiled power, then fused AdamW)": build_adampower,
+    f"AdamPower p={POWER} (eager foreach, {gradpower.COMPILE_ENV_VAR}=0)": (
+        build_adampower_with_env({gradpower.COMPILE_ENV_VAR: "0"})
+    ),
+    "per-tensor Python loop + AdamW fused": build_python_loop,
+}
 
 
-def describe_adampower_path() -> str:
-    """Return which path AdamPower's default step takes for float32 CPU tensors."""
+def describe_adampower_path(device: torch.device) -> str:
+    """Return which path AdamPower's default step takes for float32 tensors."""
+    if device.type != "cpu":
+        return "compiled power + torch's fused AdamW (the C kernel is CPU-only)"
     if not power_kernel.kernel_enabled():
         return (
             f"power transform + torch AdamW ({power_kernel.KERNEL_ENV_VAR}=0 or "
@@ -175,6 +198,13 @@ def parse_args() -> argparse.Namespace:
         help="timed steps per candidate after 2 warm-up steps (default 21)",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or a CUDA device such as cuda or cuda:0 (default cpu); the C "
+        "kernel serves CPU tensors only, so on a GPU AdamPower runs the compiled "
+        "power and torch's fused AdamW",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -192,20 +222,36 @@ def main() -> None:
     os.environ.setdefault(gradpower.COMPILE_ENV_VAR, "1")
     os.environ.setdefault(power_kernel.KERNEL_ENV_VAR, "1")
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(
+            f"Invalid --device value: {args.device}. Use cpu or cuda."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"Invalid --device value: {args.device}. Use cpu or cuda.")
     shapes = decoder_shapes(args.params_millions)
     generator = torch.Generator().manual_seed(1)
-    grads = [torch.randn(shape, generator=generator) * 1e-3 for shape in shapes]
+    grads = [
+        (torch.randn(shape, generator=generator) * 1e-3).to(device) for shape in shapes
+    ]
     numel = sum(grad.numel() for grad in grads)
+    builders = CANDIDATES if device.type == "cpu" else GPU_CANDIDATES
     candidates = [
-        Candidate(name, shapes, grads, build) for name, build in CANDIDATES.items()
+        Candidate(name, shapes, grads, build, device)
+        for name, build in builders.items()
     ]
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"parameters: {numel / 1e6:.2f}M float32 in {len(shapes)} tensors")
     print(f"repeats: {args.repeats} after 2 warm-up steps")
     started = time.perf_counter()
-    path = describe_adampower_path()
+    path = describe_adampower_path(device)
     load_ms = (time.perf_counter() - started) * 1e3
     print(f"AdamPower path: {path} (loaded in {load_ms:.0f} ms)\n")
 
