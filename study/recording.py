@@ -110,12 +110,14 @@ class TrialRecord:
         return self.mlflow_done and self.optuna_done
 
 
-def end_state_of(result: dict[str, Any], errored: bool) -> str:
-    """Return the end state in a trial's last result, else failed or censored."""
+def end_state_of(result: dict[str, Any], errored: bool) -> str | None:
+    """Return the end state in a trial's last result, `failed` for an errored
+    trial, or None for a trial that Tune stopped before its end (an interrupted
+    driver), which stays unfinished so that `study resume` continues it."""
     state = result.get("end_state")
     if state in ("reached", "censored", "diverged", "complete"):
         return state
-    return "failed" if errored else "censored"
+    return "failed" if errored else None
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -366,10 +368,11 @@ class StudyRecorder:
         errored: bool,
         error: str | None = None,
         last_result: dict[str, Any] | None = None,
-    ) -> str:
+    ) -> str | None:
         """Close the trial's MLflow run and add its Optuna trial, each once.
 
-        Return the end state. `last_result` replaces the result seen through
+        Return the end state, or None for a trial stopped before its end, which
+        is left unrecorded. `last_result` replaces the result seen through
         `result()`, for trials that ended while no recorder was listening.
         """
         self.start(key)
@@ -381,6 +384,8 @@ class StudyRecorder:
             return record.end_state
         result = record.last_result
         state = end_state_of(result, errored)
+        if state is None:
+            return None
         unit = self.units[self.plans[key].label]
         summary = trial_summary(key, unit, state, result)
         if error:

@@ -247,13 +247,24 @@ class RecordingCallback(tune.Callback):
 
     def _finish(self, trial, errored: bool) -> None:
         key = self._key(trial)
+        # Tune reports again the trials that an earlier process of this run
+        # finished; the progress counts them already.
+        recorded_before = key not in self.recorder.unfinished_keys()
         error = str(trial.get_error()) if errored else None
         state = self.recorder.finish(key, errored=errored, error=error)
         if errored and error:
             logger.warning("trial %s failed:\n%s", key, error)
-        self.progress.finished(
-            self.recorder.plans[key], state, self.recorder.records[key].last_result
-        )
+        if state is None:
+            self.progress.running.discard(key)
+            logger.warning(
+                "trial %s stopped before its end; it stays unfinished for "
+                "`study resume`",
+                key,
+            )
+        elif not recorded_before:
+            self.progress.finished(
+                self.recorder.plans[key], state, self.recorder.records[key].last_result
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, errored=False)

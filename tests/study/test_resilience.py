@@ -94,6 +94,46 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     assert sorted(t.user_attrs["trial_key"] for t in trials) == sorted(keys)
 
 
+def test_interrupted_driver_leaves_trials_for_resume(tmp_path):
+    """Ctrl-C stops Ray Tune; the stopped trials stay unfinished, not censored."""
+    path = write_study(
+        tmp_path,
+        "interrupt",
+        FOUR_POWERS,
+        steps=60,
+        scale={"max_concurrent_trials": 1},
+    )
+    workspace = tmp_path / "ws"
+    log = tmp_path / "run.log"
+    driver = start_study(path, workspace, log)
+    try:
+        wait_for_line(driver, log, "[1 done", timeout=300)
+        below = descendants(driver.pid)
+        driver.send_signal(signal.SIGINT)
+        code = driver.wait(timeout=120)
+    finally:
+        kill_all(descendants(driver.pid) + (below if "below" in locals() else []))
+
+    assert code == 130, log.read_text()[-3000:]
+    assert "study resume" in log.read_text()
+    for trial in optuna_trials(workspace, "interrupt"):
+        # Every recorded trial ran its whole budget.
+        assert trial.user_attrs["steps_done"] == 60
+    recorded = len(optuna_trials(workspace, "interrupt"))
+    assert recorded < 4
+
+    resumed = _run(
+        ["resume", str(path), "--scale", "smoke", "--workspace", str(workspace)]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = child_runs(workspace, "interrupt")
+    assert len(after) == 4
+    assert {run.data.tags["end_state"] for run in after} == {"censored"}
+    trials = optuna_trials(workspace, "interrupt")
+    assert len(trials) == 4
+    assert {t.user_attrs["steps_done"] for t in trials} == {60}
+
+
 def _worker_pid(experiment_dir: Path, min_step: int) -> int | None:
     for result_file in experiment_dir.glob("trial_*/result.json"):
         for line in result_file.read_text().splitlines():
