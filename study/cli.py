@@ -340,8 +340,17 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
             f"--lr-from-run {args.lr_from_run} needs --lr-from STUDY, the tuning "
             "study that run belongs to"
         )
-    if not args.lr_from:
+    if args.lr_from is None:
         return
+    if not args.lr_from.strip():
+        raise StudyFileError(
+            "--lr-from is empty; pass the name of a tuning study such as lr_tune"
+        )
+    if spec.is_toy():
+        raise StudyFileError(
+            f"--lr-from {args.lr_from}: {spec.name} simulates the toy model and has "
+            "no lr_max to set; run it without --lr-from"
+        )
     tuning = load_study(args.lr_from)
     if tuning.name == spec.name:
         raise StudyFileError(
@@ -355,6 +364,17 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
             "such as lr_tune"
         )
     tuning.scale(args.scale)
+    # The rates come from this workspace's stores, so they must exist already;
+    # checking here keeps a failed --lr-from from creating empty stores.
+    try:
+        Workspace.open(
+            args.workspace, args.tracking_uri, args.optuna_storage, create=False
+        ).require_recorded()
+    except StudyFileError as error:
+        raise StudyFileError(
+            f"--lr-from {tuning.name}: {error}. Run `study run {tuning.name} "
+            f"--scale {args.scale} --workspace {args.workspace}` first"
+        ) from None
 
 
 def _learning_rate_transfer(args, spec, workspace: Workspace, client, run_id):

@@ -101,15 +101,25 @@ def transfer_learning_rates(
     Raises StudyFileError, naming the entry, model and batch size, when the
     tuning run has no rate for one of them or has several equally good matches.
     """
-    from study.compare_analysis import best_learning_rates
+    from study.compare_analysis import analyze_lr_tune
 
     tuning = load_study(lr_study)
     if tuning.analysis != "lr_tune":
         raise StudyFileError(
             f"--lr-from {lr_study}: study {tuning.name!r} is not an lr_tune study"
         )
-    rates = best_learning_rates(storage, tuning.name, scale, run_id)
-    chosen_run = rates[0].run_id if rates else run_id
+    analysis = analyze_lr_tune(storage, tuning.name, scale, run_id)
+    chosen_run = analysis.run_id
+    planned = sum(entry.grid.size() for entry in tuning.scale(scale).workloads.values())
+    recorded = len(analysis.trials)
+    if recorded < planned:
+        raise StudyFileError(
+            f"--lr-from {tuning.name}: run {chosen_run} ({scale}) has recorded "
+            f"{recorded} of its {planned} trials, so its best rates may be wrong; "
+            f"finish it with `study resume {tuning.name} --scale {scale}`, or pass "
+            "a finished run with --lr-from-run"
+        )
+    rates = analysis.best
     overrides: dict[str, dict[int, float]] = {}
     for label, entry in _training_entries(spec, scale).items():
         overrides[label] = {}

@@ -16,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from study.cli import main
+from study.lr_transfer import transfer_learning_rates
 from study.spec import StudyFileError, available_studies, load_study
 from tests.study.resilience_support import child_runs, optuna_trials, study_command
 
@@ -245,6 +246,7 @@ def test_lr_from_rejects_a_run_started_without_it(studies, capsys):
         (["--lr-from", "no_such_study"], "Unknown study 'no_such_study'"),
         (["--lr-from-run", "20260101-000000-abcd"], "needs --lr-from STUDY"),
         (["--lr-from", "power_sweep"], "names the study being run"),
+        (["--lr-from", ""], "--lr-from is empty"),
     ],
 )
 def test_lr_from_rejects_bad_values(tmp_path, capsys, extra, expected):
@@ -266,6 +268,26 @@ def test_lr_from_without_a_recorded_tuning_run(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "lr_tune" in error
     assert "study run lr_tune --scale smoke" in error
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_lr_from_rejects_an_unfinished_tuning_run(studies, tmp_path):
+    """A tuning run with fewer recorded trials than its grid is not used."""
+    workspace, _ = studies
+    tuning = _bundled("lr_tune")
+    entry = tuning["scales"]["smoke"]["workloads"]["llama_tiny"]
+    entry["grid"]["lr_max"] = [*entry["grid"]["lr_max"], 0.1]
+    path = tmp_path / "lr_tune.yaml"
+    path.write_text(yaml.safe_dump(tuning))
+
+    with pytest.raises(StudyFileError, match="has recorded 3 of its 4 trials"):
+        transfer_learning_rates(
+            f"sqlite:///{workspace / 'optuna.db'}",
+            str(path),
+            load_study("power_sweep"),
+            "smoke",
+        )
 
 
 def _bundled(name: str) -> dict:
@@ -300,3 +322,12 @@ def test_analysis_kind_checks_the_target(tmp_path, name, change, expected):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(StudyFileError, match=expected):
         load_study(str(path))
+
+
+def test_lr_from_rejects_the_toy_study(tmp_path, capsys):
+    code = main(
+        ["run", "toy_noise_regimes", "--scale", "smoke", "--workspace", str(tmp_path)]
+        + ["--lr-from", "lr_tune"]
+    )
+    assert code == 2
+    assert "has no lr_max to set" in capsys.readouterr().err
