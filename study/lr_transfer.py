@@ -14,7 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from study.spec import StudyFileError, StudySpec, WorkloadStudy, load_study
+from study.spec import (
+    StudyFileError,
+    StudySpec,
+    WorkloadStudy,
+    load_study,
+    model_identity,
+    training_entries,
+)
 
 # Tags of the MLflow parent run that record where the rates came from.
 TRANSFER_TAG = "lr_from"
@@ -57,30 +64,14 @@ class LrTransfer:
         return lines
 
 
-def _training_entries(spec: StudySpec, scale: str) -> dict[str, WorkloadStudy]:
-    return {
-        label: entry
-        for label, entry in spec.scale(scale).workloads.items()
-        if isinstance(entry, WorkloadStudy)
-    }
-
-
-def _model_identity(workload: str, model: dict[str, Any]) -> dict[str, Any]:
-    """Return model settings with the language model's default family filled in,
-    so that `{preset: cpu}` and `{family: llama, preset: cpu}` match."""
-    if workload == "lm":
-        return {"family": "llama", **model}
-    return dict(model)
-
-
 def _match(rates: list, label: str, entry: WorkloadStudy, batch_size: int):
     kind = entry.workload or label
-    model = _model_identity(kind, entry.model)
+    model = model_identity(kind, entry.model)
     matches = [
         rate
         for rate in rates
         if rate.workload == kind
-        and _model_identity(rate.workload, rate.model) == model
+        and model_identity(rate.workload, rate.model) == model
         and rate.batch_size == batch_size
     ]
     if len(matches) > 1:
@@ -121,7 +112,7 @@ def transfer_learning_rates(
         )
     rates = analysis.best
     overrides: dict[str, dict[int, float]] = {}
-    for label, entry in _training_entries(spec, scale).items():
+    for label, entry in training_entries(spec.scale(scale)).items():
         overrides[label] = {}
         for batch_size in entry.grid.batch_size:
             matches = _match(rates, label, entry, batch_size)

@@ -354,6 +354,9 @@ class StudySpec(Strict):
                         f"{where}.grid.power is {entry.grid.power}; lr_tune tunes "
                         "the Adam baseline, so set `power: [1.0]`"
                     )
+            if self.analysis == "compare":
+                _check_settings(scale_name, scale)
+                _check_series(scale_name, scale)
         return self
 
     def is_toy(self) -> bool:
@@ -373,6 +376,69 @@ class StudySpec(Strict):
         return self.scales[name]
 
 
+def model_identity(workload: str, model: dict[str, Any]) -> dict[str, Any]:
+    """Return model settings with the language model's default family filled in,
+    so that `{preset: cpu}` and `{family: llama, preset: cpu}` compare equal."""
+    if workload == "lm":
+        return {"family": "llama", **model}
+    return dict(model)
+
+
+def training_entries(scale: Scale) -> dict[str, WorkloadStudy]:
+    """Return the workload entries of a scale that train a model."""
+    return {
+        label: entry
+        for label, entry in scale.workloads.items()
+        if isinstance(entry, WorkloadStudy)
+    }
+
+
+def _check_settings(scale_name: str, scale: Scale) -> None:
+    """Require a baseline entry (no blockwise_lr) per optimizer in every setting,
+    because each gap is measured against that optimizer at p = 1.0."""
+    entries = training_entries(scale)
+    settings = sorted({entry.setting or label for label, entry in entries.items()})
+    optimizers: dict[tuple[str, str], list[bool]] = {}
+    for label, entry in entries.items():
+        key = (entry.setting or label, entry.train.optimizer)
+        optimizers.setdefault(key, []).append(entry.train.blockwise_lr)
+    for (setting, optimizer), blockwise in sorted(optimizers.items()):
+        if all(blockwise):
+            raise ValueError(
+                f"scales.{scale_name}: setting {setting!r} has {optimizer} entries "
+                "only with blockwise_lr, so its gaps have no baseline; give an "
+                f"{optimizer} entry without blockwise_lr the same setting (the "
+                f"settings are {settings})"
+            )
+
+
+def _check_series(scale_name: str, scale: Scale) -> None:
+    """Require two or more distinct models in every loss-versus-parameters series."""
+    members: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for label, entry in training_entries(scale).items():
+        if entry.series is not None:
+            model = model_identity(entry.workload or label, entry.model)
+            members.setdefault(entry.series, []).append((label, model))
+    for series, entries in sorted(members.items()):
+        labels = [label for label, _ in entries]
+        if len(entries) < 2:
+            raise ValueError(
+                f"scales.{scale_name}: series {series!r} has one entry ({labels[0]}); "
+                "a power-law fit needs 2 or more model sizes, so add entries or "
+                "remove `series`"
+            )
+        seen: dict[str, str] = {}
+        for label, model in entries:
+            key = repr(sorted(model.items()))
+            if key in seen:
+                raise ValueError(
+                    f"scales.{scale_name}: entries {seen[key]!r} and {label!r} of "
+                    f"series {series!r} use the same model {model}; each entry of a "
+                    "series needs its own model size"
+                )
+            seen[key] = label
+
+
 def _format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"Study file {source} is invalid:"]
     for item in error.errors():
@@ -383,7 +449,7 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
             message = "unknown key; remove it or check its spelling"
         elif item["type"] not in ("value_error",):
             message = f"{message} (got {item.get('input')!r})"
-        lines.append(f"  {location or '<top>'}: {message}")
+        lines.append(f"  {location}: {message}" if location else f"  {message}")
     return "\n".join(lines)
 
 

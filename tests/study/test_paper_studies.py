@@ -331,3 +331,45 @@ def test_lr_from_rejects_the_toy_study(tmp_path, capsys):
     )
     assert code == 2
     assert "has no lr_max to set" in capsys.readouterr().err
+
+
+def _write_variant(tmp_path, name: str, change) -> str:
+    spec = _bundled(name)
+    change(spec["scales"]["smoke"]["workloads"])
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_setting_without_a_baseline_is_rejected(tmp_path):
+    """A misspelt setting leaves the blockwise entry without its Adam baseline."""
+    path = _write_variant(
+        tmp_path,
+        "blockwise_lr",
+        lambda workloads: workloads["blockwise"].update(setting="llama-tny"),
+    )
+    with pytest.raises(StudyFileError) as error:
+        load_study(path)
+    message = str(error.value)
+    assert "setting 'llama-tny' has adampower entries only with blockwise_lr" in message
+    assert "['llama-tiny', 'llama-tny']" in message
+
+
+def test_series_with_one_model_twice_is_rejected(tmp_path):
+    path = _write_variant(
+        tmp_path,
+        "adam_vs_adampower",
+        lambda workloads: workloads["llama_cpu_s"].update(model={"preset": "tiny"}),
+    )
+    with pytest.raises(StudyFileError, match="use the same model"):
+        load_study(path)
+
+
+def test_series_with_one_entry_is_rejected(tmp_path):
+    path = _write_variant(
+        tmp_path,
+        "adam_vs_adampower",
+        lambda workloads: workloads["llama_cpu_s"].update(series="other"),
+    )
+    with pytest.raises(StudyFileError, match="has one entry"):
+        load_study(path)
