@@ -8,6 +8,8 @@ import datetime
 import html
 from pathlib import Path
 
+import pandas as pd
+
 from dashboards.plots import write_plots
 from study.analysis import PowerAnalysis
 from study.export import (
@@ -89,8 +91,14 @@ def write_report(
         images.extend(plots.values())
         sections.append(_workload_section(analysis, plots))
     title = f"{first.study} ({first.scale}), run {first.run_id}"
+    path = directory / f"{first.study}-{first.scale}-{first.run_id}-report.html"
+    path.write_text(_page(title, sections))
+    return path, images
+
+
+def _page(title: str, sections: list[str]) -> str:
     created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    page = "\n".join(
+    return "\n".join(
         [
             "<!DOCTYPE html>",
             "<html><head><meta charset='utf-8'>",
@@ -102,6 +110,25 @@ def write_report(
             "</body></html>",
         ]
     )
-    path = directory / f"{first.study}-{first.scale}-{first.run_id}-report.html"
-    path.write_text(page)
-    return path, images
+
+
+def write_tables_page(
+    title: str,
+    tables: list[tuple[str, pd.DataFrame]],
+    notes: list[str],
+    images: list[Path],
+    path: Path,
+) -> Path:
+    """Write one HTML page with headed tables, a list of notes and embedded PNGs,
+    for the studies whose analysis is not a batch size x power table."""
+    sections = [
+        f"<h2>{html.escape(heading)}</h2>\n"
+        + frame.to_html(index=False, classes="plain", border=0)
+        for heading, frame in tables
+    ]
+    if notes:
+        items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+        sections.append(f"<h2>Notes</h2><ul>{items}</ul>")
+    sections.extend(_image_tag(image, image.stem) for image in images)
+    path.write_text(_page(title, sections))
+    return path

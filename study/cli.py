@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from study.spec import SCALES, StudyFileError, available_studies, load_study
@@ -496,25 +498,46 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
     return 0
 
 
-def _final_state_analysis(analysis_kind: str):
-    """Return (analyze, to_markdown, export) for the analyses that read final
-    states from Optuna: the toy model, comparisons and learning-rate tuning."""
-    if analysis_kind == "toy_noise":
-        from study.toy_analysis import analyze_toy, export_toy, toy_markdown
+@dataclass(frozen=True)
+class FinalStateAnalysis:
+    """The functions that analyse and export a toy, compare or lr_tune study."""
 
-        return analyze_toy, toy_markdown, export_toy
+    analyze: Callable
+    to_markdown: Callable
+    export: Callable
+    sections: Callable
+    """Return the (heading, table) pairs of `study report`'s page."""
+    formats: tuple[str, ...]
+    """Table formats that `export` writes."""
+
+
+def _final_state_analysis(analysis_kind: str) -> FinalStateAnalysis:
+    if analysis_kind == "toy_noise":
+        from study import toy_analysis
+
+        return FinalStateAnalysis(
+            toy_analysis.analyze_toy,
+            toy_analysis.toy_markdown,
+            toy_analysis.export_toy,
+            toy_analysis.toy_report_sections,
+            ("md", "csv"),
+        )
     from study import compare_analysis, compare_export
 
     if analysis_kind == "lr_tune":
-        return (
+        return FinalStateAnalysis(
             compare_analysis.analyze_lr_tune,
             compare_export.lr_tune_markdown,
             compare_export.export_lr_tune,
+            compare_export.report_sections,
+            compare_export.FORMATS,
         )
-    return (
+    return FinalStateAnalysis(
         compare_analysis.analyze_compare,
         compare_export.compare_markdown,
         compare_export.export_compare,
+        compare_export.report_sections,
+        compare_export.FORMATS,
     )
 
 
@@ -529,17 +552,46 @@ def _analyze_final_states(
     run_id,
     client=None,
     parent_run_id=None,
+    formats: tuple[str, ...] | None = None,
+    report: bool = False,
 ) -> None:
-    """Print and export the tables, findings and plots of a toy, compare or
-    lr_tune study, and log the files on the run's MLflow parent run."""
-    analyze, to_markdown, export = _final_state_analysis(_analysis_kind(spec))
-    result = analyze(workspace.optuna_storage, spec.name, scale, run_id)
-    for analysis in result if isinstance(result, list) else [result]:
+    """Print the tables and findings of a toy, compare or lr_tune study, write
+    them in `formats` (default: all the study's formats) with the plots, and
+    with `report` also one HTML page. Files and headline numbers are logged
+    on the run's MLflow parent run when `client` is given."""
+    from dashboards.report import write_tables_page
+
+    handler = _final_state_analysis(_analysis_kind(spec))
+    result = handler.analyze(workspace.optuna_storage, spec.name, scale, run_id)
+    analyses = result if isinstance(result, list) else [result]
+    for analysis in analyses:
         print(f"\n{spec.name} ({scale}), run {analysis.run_id}")
-        print(to_markdown(analysis), end="")
-        for finding in getattr(analysis, "findings", []):
+        print(handler.to_markdown(analysis), end="")
+        findings = getattr(analysis, "findings", [])
+        for finding in findings:
             print(f"finding: {finding}")
-        paths = export(analysis, workspace.exports)
+        paths = dict(
+            handler.export(
+                analysis,
+                workspace.exports,
+                handler.formats if formats is None else formats,
+            )
+        )
+        if report:
+            images = [path for path in paths.values() if path.suffix == ".png"]
+            label = getattr(analysis, "label", None)
+            stem = "-".join(
+                str(part)
+                for part in (spec.name, scale, label, analysis.run_id)
+                if part is not None
+            )
+            paths["report"] = write_tables_page(
+                f"{spec.name} ({scale}), run {analysis.run_id}",
+                handler.sections(analysis),
+                [*findings, *getattr(analysis, "notes", [])],
+                images,
+                workspace.exports / f"{stem}-report.html",
+            )
         print(f"tables and plots: {', '.join(str(p) for p in paths.values())}")
         if client is not None and parent_run_id is not None:
             for path in paths.values():
@@ -672,7 +724,7 @@ def command_export(args: argparse.Namespace) -> int:
     spec = load_study(args.name)
     workspace = _open_recorded_workspace(args)
     if _analysis_kind(spec) != "power_trend":
-        return _export_final_states(args, spec, workspace)
+        return _export_final_states(args, spec, workspace, report=False)
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
@@ -694,9 +746,31 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_final_states(args: argparse.Namespace, spec, workspace: Workspace) -> int:
-    """Write every table format and plot of a toy, compare or lr_tune study, and
-    log them on the MLflow parent run of the run they describe."""
+def _export_final_states(
+    args: argparse.Namespace, spec, workspace: Workspace, report: bool
+) -> int:
+    """Write the tables and plots of a toy, compare or lr_tune study, or with
+    `report` its HTML page, and log them on the MLflow parent run of the run
+    they describe. Raises StudyFileError for options that such a study lacks."""
+    kind = _analysis_kind(spec)
+    handler = _final_state_analysis(kind)
+    if args.metric != "steps" or getattr(args, "spread", False):
+        raise StudyFileError(
+            f"--metric and --spread choose among times to a target, but {spec.name} "
+            f"({kind}) compares final states; run it without them"
+        )
+    formats = tuple(getattr(args, "format", None) or handler.formats)
+    if "html" in formats:
+        report = True
+        formats = tuple(name for name in formats if name != "html")
+    unsupported = sorted(set(formats) - set(handler.formats))
+    if unsupported:
+        raise StudyFileError(
+            f"--format {', '.join(unsupported)} is not available for {spec.name}; "
+            f"choose from {', '.join(handler.formats)} or html"
+        )
+    if report and not getattr(args, "format", None):
+        formats = ()
     client = _mlflow_client(workspace)
     parent_run_id = None
     if client is not None:
@@ -706,7 +780,14 @@ def _export_final_states(args: argparse.Namespace, spec, workspace: Workspace) -
             client, spec.name, args.scale, args.run_id
         )
     _analyze_final_states(
-        workspace, spec, args.scale, args.run_id, client, parent_run_id
+        workspace,
+        spec,
+        args.scale,
+        args.run_id,
+        client,
+        parent_run_id,
+        formats=formats,
+        report=report,
     )
     return 0
 
@@ -715,7 +796,7 @@ def command_report(args: argparse.Namespace) -> int:
     spec = load_study(args.name)
     workspace = _open_recorded_workspace(args)
     if _analysis_kind(spec) != "power_trend":
-        return _export_final_states(args, spec, workspace)
+        return _export_final_states(args, spec, workspace, report=True)
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,9 @@ from study.compare_analysis import (
     fits_frame,
 )
 from study.export import _latex_escape, frame_to_markdown
+
+# Table formats that the exports write; html is `study report`'s page.
+FORMATS = ("md", "csv", "latex")
 
 GAP_FOOTNOTE = (
     "Final loss: median over seeds at the variant's best lr_max (± sample "
@@ -296,34 +300,44 @@ def _title(analysis) -> str:
 
 
 def _write_best_power_files(
-    analysis: CompareAnalysis, directory: Path, paths: dict[str, Path]
+    analysis: CompareAnalysis,
+    directory: Path,
+    paths: dict[str, Path],
+    formats: Collection[str],
 ) -> None:
-    paths["best_power_csv"] = directory / f"{analysis.stem}-best-power.csv"
-    analysis.best_powers.to_csv(paths["best_power_csv"], index=False)
-    paths["best_power_latex"] = directory / f"{analysis.stem}-best-power.tex"
-    paths["best_power_latex"].write_text(
-        frame_to_latex(
-            best_power_frame(analysis),
-            f"{_title(analysis)}: best power p",
-            _latex_label(analysis, "best-power"),
+    if "csv" in formats:
+        paths["best_power_csv"] = directory / f"{analysis.stem}-best-power.csv"
+        analysis.best_powers.to_csv(paths["best_power_csv"], index=False)
+    if "latex" in formats:
+        paths["best_power_latex"] = directory / f"{analysis.stem}-best-power.tex"
+        paths["best_power_latex"].write_text(
+            frame_to_latex(
+                best_power_frame(analysis),
+                f"{_title(analysis)}: best power p",
+                _latex_label(analysis, "best-power"),
+            )
         )
-    )
 
 
 def _write_fit_files(
-    analysis: CompareAnalysis, directory: Path, paths: dict[str, Path]
+    analysis: CompareAnalysis,
+    directory: Path,
+    paths: dict[str, Path],
+    formats: Collection[str],
 ) -> None:
     fits = fits_frame(analysis.fits)
-    paths["fits_csv"] = directory / f"{analysis.stem}-fits.csv"
-    fits.to_csv(paths["fits_csv"], index=False)
-    paths["fits_latex"] = directory / f"{analysis.stem}-fits.tex"
-    paths["fits_latex"].write_text(
-        frame_to_latex(
-            fit_frame_text(analysis),
-            f"{_title(analysis)}: L(N) = A N^(-alpha)",
-            _latex_label(analysis, "fits"),
+    if "csv" in formats:
+        paths["fits_csv"] = directory / f"{analysis.stem}-fits.csv"
+        fits.to_csv(paths["fits_csv"], index=False)
+    if "latex" in formats:
+        paths["fits_latex"] = directory / f"{analysis.stem}-fits.tex"
+        paths["fits_latex"].write_text(
+            frame_to_latex(
+                fit_frame_text(analysis),
+                f"{_title(analysis)}: L(N) = A N^(-alpha)",
+                _latex_label(analysis, "fits"),
+            )
         )
-    )
     paths["plot_scaling"] = plot_loss_vs_params(
         analysis.cells,
         fits,
@@ -332,8 +346,11 @@ def _write_fit_files(
     )
 
 
-def export_compare(analysis: CompareAnalysis, directory: Path) -> dict[str, Path]:
-    """Write the compare tables (Markdown, CSV, LaTeX) and plots, return the paths.
+def export_compare(
+    analysis: CompareAnalysis, directory: Path, formats: Collection[str] = FORMATS
+) -> dict[str, Path]:
+    """Write the compare tables in `formats` (md, csv, latex) and the plots, and
+    return the paths.
 
     The best-power files come only with best-power rows, and the fit files
     and the loss-against-parameters plot only with power-law fits.
@@ -341,22 +358,25 @@ def export_compare(analysis: CompareAnalysis, directory: Path) -> dict[str, Path
     directory.mkdir(parents=True, exist_ok=True)
     stem = analysis.stem
     paths: dict[str, Path] = {}
-    paths["markdown"] = directory / f"{stem}.md"
-    paths["markdown"].write_text(compare_markdown(analysis))
-    paths["csv"] = directory / f"{stem}-gaps.csv"
-    analysis.gaps.to_csv(paths["csv"], index=False)
-    paths["trials_csv"] = directory / f"{stem}-trials.csv"
-    analysis.trials.to_csv(paths["trials_csv"], index=False)
+    if "md" in formats:
+        paths["markdown"] = directory / f"{stem}.md"
+        paths["markdown"].write_text(compare_markdown(analysis))
+    if "csv" in formats:
+        paths["csv"] = directory / f"{stem}-gaps.csv"
+        analysis.gaps.to_csv(paths["csv"], index=False)
+        paths["trials_csv"] = directory / f"{stem}-trials.csv"
+        analysis.trials.to_csv(paths["trials_csv"], index=False)
 
     caption = (
         f"{_title(analysis)}: final validation loss, median over seeds at the "
         "best lr_max of each variant, and the gap to the baseline (positive: the "
         "variant is better)"
     )
-    paths["latex"] = directory / f"{stem}-gaps.tex"
-    paths["latex"].write_text(
-        frame_to_latex(gap_frame(analysis), caption, _latex_label(analysis, "gaps"))
-    )
+    if "latex" in formats:
+        paths["latex"] = directory / f"{stem}-gaps.tex"
+        paths["latex"].write_text(
+            frame_to_latex(gap_frame(analysis), caption, _latex_label(analysis, "gaps"))
+        )
     paths["plot_power"] = plot_loss_vs_power(
         analysis.cells,
         analysis.best_powers,
@@ -365,34 +385,42 @@ def export_compare(analysis: CompareAnalysis, directory: Path) -> dict[str, Path
     )
 
     if len(analysis.best_powers):
-        _write_best_power_files(analysis, directory, paths)
+        _write_best_power_files(analysis, directory, paths, formats)
     if analysis.fits:
-        _write_fit_files(analysis, directory, paths)
+        _write_fit_files(analysis, directory, paths, formats)
     return paths
 
 
-def export_lr_tune(analysis: LrTuneAnalysis, directory: Path) -> dict[str, Path]:
-    """Write the lr_max table, the best rates as JSON and the plot, return the paths.
+def export_lr_tune(
+    analysis: LrTuneAnalysis, directory: Path, formats: Collection[str] = FORMATS
+) -> dict[str, Path]:
+    """Write the lr_max table in `formats` (md, csv, latex), the best rates as JSON
+    and the plot, and return the paths.
 
     `best_lr` is a JSON list of BestRate dicts, the input of `--lr-from`.
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = analysis.stem
     paths: dict[str, Path] = {}
-    paths["markdown"] = directory / f"{stem}.md"
-    paths["markdown"].write_text(lr_tune_markdown(analysis))
-    paths["csv"] = directory / f"{stem}-lr-grid.csv"
-    analysis.grid.to_csv(paths["csv"], index=False)
-    table = _bold_best_lr(lr_table_frame(analysis), lambda text: f"\\textbf{{{text}}}")
-    paths["latex"] = directory / f"{stem}-lr-grid.tex"
-    paths["latex"].write_text(
-        frame_to_latex(
-            table,
-            f"{_title(analysis)}: Adam final validation loss by lr_max (bold: the "
-            "best lr_max of the row)",
-            _latex_label(analysis, "lr-grid"),
+    if "md" in formats:
+        paths["markdown"] = directory / f"{stem}.md"
+        paths["markdown"].write_text(lr_tune_markdown(analysis))
+    if "csv" in formats:
+        paths["csv"] = directory / f"{stem}-lr-grid.csv"
+        analysis.grid.to_csv(paths["csv"], index=False)
+    if "latex" in formats:
+        table = _bold_best_lr(
+            lr_table_frame(analysis), lambda text: f"\\textbf{{{text}}}"
         )
-    )
+        paths["latex"] = directory / f"{stem}-lr-grid.tex"
+        paths["latex"].write_text(
+            frame_to_latex(
+                table,
+                f"{_title(analysis)}: Adam final validation loss by lr_max (bold: "
+                "the best lr_max of the row)",
+                _latex_label(analysis, "lr-grid"),
+            )
+        )
     paths["best_lr"] = directory / f"{stem}-best_lr.json"
     paths["best_lr"].write_text(
         json.dumps([rate.to_dict() for rate in analysis.best], indent=2) + "\n"
@@ -435,3 +463,17 @@ def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, flo
         name = f"fit/{_metric_segment(fit.series)}/{_metric_segment(fit.variant)}"
         metrics[f"{name}/alpha"] = float(fit.alpha)
     return {name: value for name, value in metrics.items() if math.isfinite(value)}
+
+
+def report_sections(
+    analysis: CompareAnalysis | LrTuneAnalysis,
+) -> list[tuple[str, pd.DataFrame]]:
+    """Return the (heading, table) pairs of the analysis for `study report`."""
+    if isinstance(analysis, LrTuneAnalysis):
+        return [("Final validation loss by lr_max", lr_table_frame(analysis))]
+    sections = [("Gap to the baseline", gap_frame(analysis))]
+    if len(analysis.best_powers):
+        sections.append(("Best power", best_power_frame(analysis)))
+    if analysis.fits:
+        sections.append(("Loss against parameters", fit_frame_text(analysis)))
+    return sections

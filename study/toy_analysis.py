@@ -10,6 +10,7 @@ p* < 1 when sigma/mu <= 1 and p* > 1 when noise dominates.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,17 +188,32 @@ def toy_markdown(analysis: ToyAnalysis) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_toy(analysis: ToyAnalysis, directory: Path) -> dict[str, Path]:
+def export_toy(
+    analysis: ToyAnalysis, directory: Path, formats: Collection[str] = ("md", "csv")
+) -> dict[str, Path]:
+    """Write the table in `formats` (md, csv) and the plot, and return the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{analysis.study}-{analysis.scale}-{analysis.label}-{analysis.run_id}"
-    markdown = directory / f"{stem}.md"
-    body = (
-        toy_markdown(analysis) + "\n" + "\n".join(f"- {f}" for f in analysis.findings)
+    paths: dict[str, Path] = {}
+    if "md" in formats:
+        paths["markdown"] = directory / f"{stem}.md"
+        body = (
+            toy_markdown(analysis)
+            + "\n"
+            + "\n".join(f"- {f}" for f in analysis.findings)
+        )
+        paths["markdown"].write_text(
+            f"# {analysis.study} ({analysis.scale}): update u_t by power\n\n{body}\n"
+        )
+    if "csv" in formats:
+        paths["csv"] = directory / f"{stem}.csv"
+        toy_table(analysis).to_csv(paths["csv"], index=False)
+    paths["plot"] = plot_updates(
+        analysis.trials, analysis.study, directory / f"{stem}.png"
     )
-    markdown.write_text(
-        f"# {analysis.study} ({analysis.scale}): update u_t by power\n\n{body}\n"
-    )
-    csv = directory / f"{stem}.csv"
-    toy_table(analysis).to_csv(csv, index=False)
-    plot = plot_updates(analysis.trials, analysis.study, directory / f"{stem}.png")
-    return {"markdown": markdown, "csv": csv, "plot": plot}
+    return paths
+
+
+def toy_report_sections(analysis: ToyAnalysis) -> list[tuple[str, pd.DataFrame]]:
+    """Return the (heading, table) pairs of the analysis for `study report`."""
+    return [(f"{analysis.label}: best power per noise ratio", toy_table(analysis))]

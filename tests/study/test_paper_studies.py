@@ -373,3 +373,54 @@ def test_series_with_one_entry_is_rejected(tmp_path):
     )
     with pytest.raises(StudyFileError, match="has one entry"):
         load_study(path)
+
+
+def test_report_writes_one_page_per_run(studies, capsys):
+    workspace, _ = studies
+    code = main(
+        ["report", "blockwise_lr", "--scale", "smoke", "--workspace", str(workspace)]
+    )
+    assert code == 0
+    page = _export(workspace, "blockwise_lr", "-report.html").read_text()
+    assert "Gap to the baseline" in page
+    assert "AdamPower + Blockwise LR" in page
+    assert "data:image/png;base64," in page
+
+
+def test_export_table_writes_the_chosen_format(studies, tmp_path, capsys):
+    workspace, _ = studies
+    for path in (workspace / "exports").glob("muon_power-smoke-*"):
+        path.unlink()
+    code = main(
+        [
+            "export-table",
+            "muon_power",
+            "--scale",
+            "smoke",
+            "--workspace",
+            str(workspace),
+        ]
+        + ["--format", "latex"]
+    )
+    assert code == 0
+    written = {
+        path.suffix for path in (workspace / "exports").glob("muon_power-smoke-*")
+    }
+    assert written == {".tex", ".png"}
+
+
+def test_export_table_rejects_time_metrics_on_comparisons(studies, capsys):
+    workspace, _ = studies
+    code = main(
+        [
+            "export-table",
+            "muon_power",
+            "--scale",
+            "smoke",
+            "--workspace",
+            str(workspace),
+        ]
+        + ["--metric", "seconds"]
+    )
+    assert code == 2
+    assert "compares final states" in capsys.readouterr().err
