@@ -222,7 +222,7 @@ def _load_studies(
             f" (its recorded runs have analysis {', '.join(found)})" if found else ""
         )
         raise StudyFileError(
-            f"No recorded {analysis!r} run of study {study!r} at scale {scale!r} "
+            f"No recorded run of study {study!r} (analysis {analysis}) at scale {scale!r} "
             f"in {_shown_storage(storage)}{other}; run `study run {study} --scale "
             f"{scale}` first or pass the right --workspace/--scale"
         )

@@ -113,7 +113,8 @@ def best_power_frame(analysis: CompareAnalysis) -> pd.DataFrame:
             {
                 "setting": row.setting,
                 "batch size": int(row.batch_size),
-                "optimizer": row.base + (BLOCKWISE_SUFFIX if row.blockwise_lr else ""),
+                "base optimizer": row.base
+                + (BLOCKWISE_SUFFIX if row.blockwise_lr else ""),
                 "powers": row.powers,
                 "best p": f"{row.best_power:g}" if found else "none",
                 "final loss": f"{row.best_loss:.4f}" if found else "",
@@ -124,7 +125,7 @@ def best_power_frame(analysis: CompareAnalysis) -> pd.DataFrame:
     columns = [
         "setting",
         "batch size",
-        "optimizer",
+        "base optimizer",
         "powers",
         "best p",
         "final loss",
