@@ -71,6 +71,18 @@ def _final_losses(workspace, study: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _parent_run(workspace, study: str):
+    """Return the one MLflow parent run of `study` in the workspace."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    (parent,) = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
+    return parent
+
+
 def _export(workspace, study: str, suffix: str):
     (path,) = (workspace / "exports").glob(f"{study}-smoke-*{suffix}")
     return path
@@ -117,13 +129,7 @@ def test_power_sweep_runs_at_the_tuned_rate(studies):
     sweep = _final_losses(workspace, "power_sweep")
     assert set(sweep.lr_max) == {best_lr}
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("power_sweep")
-    (parent,) = [
-        run
-        for run in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" not in run.data.tags
-    ]
+    parent = _parent_run(workspace, "power_sweep")
     assert parent.data.tags["lr_from"].startswith("lr_tune run ")
     assert json.loads(parent.data.tags["lr_overrides"]) == {"lm": {"4": best_lr}}
 
@@ -155,14 +161,7 @@ def test_adam_vs_adampower_gap_and_scaling_fit(studies):
 
 
 def _parent_metrics(workspace, study: str) -> dict[str, float]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(study)
-    (parent,) = [
-        run
-        for run in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" not in run.data.tags
-    ]
-    return parent.data.metrics
+    return _parent_run(workspace, study).data.metrics
 
 
 def test_parent_runs_carry_the_headline_numbers(studies):
@@ -217,12 +216,7 @@ def test_lr_from_rejects_a_run_started_without_it(studies, capsys):
     """Continuing an unfinished run with other rates would change its grid."""
     workspace, _ = studies
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("blockwise_lr")
-    (parent,) = [
-        run
-        for run in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" not in run.data.tags
-    ]
+    parent = _parent_run(workspace, "blockwise_lr")
     before = len(child_runs(workspace, "blockwise_lr"))
     client.update_run(parent.info.run_id, status="RUNNING")
     try:
@@ -387,21 +381,16 @@ def test_report_writes_one_page_per_run(studies, capsys):
     assert "data:image/png;base64," in page
 
 
+def _export_muon_power(workspace, *options: str) -> int:
+    scale = ["--scale", "smoke", "--workspace", str(workspace)]
+    return main(["export-table", "muon_power", *scale, *options])
+
+
 def test_export_table_writes_the_chosen_format(studies, tmp_path, capsys):
     workspace, _ = studies
     for path in (workspace / "exports").glob("muon_power-smoke-*"):
         path.unlink()
-    code = main(
-        [
-            "export-table",
-            "muon_power",
-            "--scale",
-            "smoke",
-            "--workspace",
-            str(workspace),
-        ]
-        + ["--format", "latex"]
-    )
+    code = _export_muon_power(workspace, "--format", "latex")
     assert code == 0
     written = {
         path.suffix for path in (workspace / "exports").glob("muon_power-smoke-*")
@@ -411,16 +400,6 @@ def test_export_table_writes_the_chosen_format(studies, tmp_path, capsys):
 
 def test_export_table_rejects_time_metrics_on_comparisons(studies, capsys):
     workspace, _ = studies
-    code = main(
-        [
-            "export-table",
-            "muon_power",
-            "--scale",
-            "smoke",
-            "--workspace",
-            str(workspace),
-        ]
-        + ["--metric", "seconds"]
-    )
+    code = _export_muon_power(workspace, "--metric", "seconds")
     assert code == 2
     assert "compares final states" in capsys.readouterr().err

@@ -41,24 +41,34 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def test_killed_driver_resumes_exactly_once(tmp_path):
+def _signal_driver(
+    tmp_path: Path, name: str, after_line: str, signal_number: int
+) -> tuple[Path, Path, Path, int]:
+    """Run a four-trial study, one trial at a time, and send its driver
+    `signal_number` once the log shows `after_line`. Return the study file, the
+    workspace, the log and the driver's exit status."""
     path = write_study(
-        tmp_path,
-        "kill_driver",
-        FOUR_POWERS,
-        steps=60,
-        scale={"max_concurrent_trials": 1},
+        tmp_path, name, FOUR_POWERS, steps=60, scale={"max_concurrent_trials": 1}
     )
     workspace = tmp_path / "ws"
     log = tmp_path / "run.log"
     driver = start_study(path, workspace, log)
+    below: list[int] = []
     try:
-        wait_for_line(driver, log, "[2 done", timeout=300)
+        wait_for_line(driver, log, after_line, timeout=300)
         below = descendants(driver.pid)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        driver.send_signal(signal_number)
+        code = driver.wait(timeout=120)
     finally:
-        kill_all(descendants(driver.pid) + (below if "below" in locals() else []))
+        # Ray processes that outlive a killed driver would hold the cores.
+        kill_all(descendants(driver.pid) + below)
+    return path, workspace, log, code
+
+
+def test_killed_driver_resumes_exactly_once(tmp_path):
+    path, workspace, _, _ = _signal_driver(
+        tmp_path, "kill_driver", "[2 done", signal.SIGKILL
+    )
 
     before = {
         run.data.tags["trial_key"]: run for run in child_runs(workspace, "kill_driver")
@@ -96,23 +106,9 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
 
 def test_interrupted_driver_leaves_trials_for_resume(tmp_path):
     """Ctrl-C stops Ray Tune; the stopped trials stay unfinished, not censored."""
-    path = write_study(
-        tmp_path,
-        "interrupt",
-        FOUR_POWERS,
-        steps=60,
-        scale={"max_concurrent_trials": 1},
+    path, workspace, log, code = _signal_driver(
+        tmp_path, "interrupt", "[1 done", signal.SIGINT
     )
-    workspace = tmp_path / "ws"
-    log = tmp_path / "run.log"
-    driver = start_study(path, workspace, log)
-    try:
-        wait_for_line(driver, log, "[1 done", timeout=300)
-        below = descendants(driver.pid)
-        driver.send_signal(signal.SIGINT)
-        code = driver.wait(timeout=120)
-    finally:
-        kill_all(descendants(driver.pid) + (below if "below" in locals() else []))
 
     assert code == 130, log.read_text()[-3000:]
     assert "study resume" in log.read_text()
