@@ -354,6 +354,7 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
             "no lr_max to set; run it without --lr-from"
         )
     tuning = load_study(args.lr_from)
+
     if tuning.name == spec.name:
         raise StudyFileError(
             f"--lr-from {args.lr_from} names the study being run; pass the tuning "
@@ -366,6 +367,7 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
             "such as lr_tune"
         )
     tuning.scale(args.scale)
+
     # The rates come from this workspace's stores, so they must exist already;
     # checking here keeps a failed --lr-from from creating empty stores.
     try:
