@@ -353,6 +353,11 @@ def _baseline_mask(trials: pd.DataFrame) -> pd.Series:
     return trials.power.map(_is_baseline_power).astype(bool)
 
 
+def base_optimizer_name(base: str, blockwise_lr: bool) -> str:
+    """Return the base optimizer's display name, with Blockwise LR when it is on."""
+    return base + (BLOCKWISE_SUFFIX if blockwise_lr else "")
+
+
 def _name_variants(trials: pd.DataFrame) -> pd.DataFrame:
     """Add `base` (Adam or Muon) and `variant` (the display name) to each trial.
 
@@ -789,8 +794,8 @@ def _compare_notes(
     for row in best.itertuples() if len(best) else ():
         if row.at_edge:
             notes.append(
-                f"setting {row.setting!r}, batch size {row.batch_size}, {row.base}"
-                f"{BLOCKWISE_SUFFIX if row.blockwise_lr else ''}: the best power "
+                f"setting {row.setting!r}, batch size {row.batch_size}, "
+                f"{base_optimizer_name(row.base, row.blockwise_lr)}: the best power "
                 f"{row.best_power:g} is at the edge of the grid; widen the power grid"
             )
 

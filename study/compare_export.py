@@ -21,9 +21,9 @@ from dashboards.compare_plots import (
     plot_loss_vs_power,
 )
 from study.compare_analysis import (
-    BLOCKWISE_SUFFIX,
     CompareAnalysis,
     LrTuneAnalysis,
+    base_optimizer_name,
     fits_frame,
 )
 from study.export import _latex_escape, frame_to_markdown
@@ -113,8 +113,7 @@ def best_power_frame(analysis: CompareAnalysis) -> pd.DataFrame:
             {
                 "setting": row.setting,
                 "batch size": int(row.batch_size),
-                "base optimizer": row.base
-                + (BLOCKWISE_SUFFIX if row.blockwise_lr else ""),
+                "base optimizer": base_optimizer_name(row.base, row.blockwise_lr),
                 "powers": row.powers,
                 "best p": f"{row.best_power:g}" if found else "none",
                 "final loss": f"{row.best_loss:.4f}" if found else "",
@@ -456,9 +455,7 @@ def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, flo
             metrics[f"gap/{where}/{_metric_segment(row.variant)}"] = float(row.gap)
     for row in analysis.best_powers.itertuples():
         where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
-        optimizer = _metric_segment(
-            row.base + (BLOCKWISE_SUFFIX if row.blockwise_lr else "")
-        )
+        optimizer = _metric_segment(base_optimizer_name(row.base, row.blockwise_lr))
         metrics[f"p_star/{where}/{optimizer}"] = float(row.p_star)
     for fit in analysis.fits:
         name = f"fit/{_metric_segment(fit.series)}/{_metric_segment(fit.variant)}"
