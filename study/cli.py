@@ -386,7 +386,9 @@ def _learning_rate_transfer(args, spec, workspace: Workspace, client, run_id):
     run started with. Raises StudyFileError when the two disagree."""
     from study.lr_transfer import recorded_transfer, transfer_learning_rates
 
-    recorded = recorded_transfer(client, spec.name, run_id) if run_id else None
+    recorded = (
+        recorded_transfer(client, spec.name, args.scale, run_id) if run_id else None
+    )
     if not args.lr_from:
         if recorded is not None:
             print(f"run {run_id} took its learning rates from {recorded.source}")
@@ -776,11 +778,10 @@ def _export_final_states(
     client = _mlflow_client(workspace)
     parent_run_id = None
     if client is not None:
-        from study.runner import recorded_parent_run_id
+        from study.recording import find_parent_run
 
-        parent_run_id = recorded_parent_run_id(
-            client, spec.name, args.scale, args.run_id
-        )
+        parent = find_parent_run(client, spec.name, args.scale, args.run_id)
+        parent_run_id = parent.info.run_id if parent is not None else None
     _analyze_final_states(
         workspace,
         spec,

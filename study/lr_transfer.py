@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from study.recording import find_parent_run
 from study.spec import (
     StudyFileError,
     StudySpec,
@@ -158,16 +159,7 @@ def apply_transfer(spec: StudySpec, scale: str, transfer: LrTransfer) -> StudySp
     return StudySpec.model_validate(raw)
 
 
-def recorded_transfer(client, study: str, run_id: str) -> LrTransfer | None:
+def recorded_transfer(client, study: str, scale: str, run_id: str) -> LrTransfer | None:
     """Return the rates that run `run_id` of `study` took with --lr-from, if any."""
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        return None
-    for parent in client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.study_run_id = '{run_id}'",
-        max_results=1000,
-    ):
-        if "mlflow.parentRunId" not in parent.data.tags:
-            return LrTransfer.from_tags(parent.data.tags)
-    return None
+    parent = find_parent_run(client, study, scale, run_id)
+    return None if parent is None else LrTransfer.from_tags(parent.data.tags)

@@ -149,6 +149,27 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_uri: str | None)
         return experiment.experiment_id
 
 
+def find_parent_run(client: MlflowClient, study: str, scale: str, run_id: str | None):
+    """Return the MLflow parent run of study run `run_id`, or the latest parent
+    run of the scale when `run_id` is None; None when none is recorded."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    condition = f"tags.study = '{study}' and tags.scale = '{scale}'"
+    if run_id is not None:
+        condition += f" and tags.study_run_id = '{run_id}'"
+    parents = [
+        parent
+        for parent in client.search_runs(
+            [experiment.experiment_id], filter_string=condition, max_results=50000
+        )
+        if "mlflow.parentRunId" not in parent.data.tags
+    ]
+    if not parents:
+        return None
+    return max(parents, key=lambda parent: parent.data.tags.get("study_run_id", ""))
+
+
 def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> dict:
     """Build the end-of-trial attributes stored on the Optuna trial."""
     summary: dict[str, Any] = {

@@ -28,7 +28,12 @@ from ray import tune
 
 from study.grid import TrialPlan, expand
 from study.metadata import run_metadata
-from study.recording import RunInfo, StudyRecorder, ensure_experiment
+from study.recording import (
+    RunInfo,
+    StudyRecorder,
+    ensure_experiment,
+    find_parent_run,
+)
 from study.spec import StudyFileError, StudySpec, ToyNoiseStudy, WorkloadStudy
 from study.workspace import Workspace
 from trainers.config import TrialConfig
@@ -362,46 +367,14 @@ def find_unfinished_run(
     return None
 
 
-def _parent_run_id(client: MlflowClient, experiment_id: str, run: RunInfo) -> str:
-    parents = [
-        parent
-        for parent in client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.study_run_id = '{run.run_id}'",
-            max_results=50000,
-        )
-        if "mlflow.parentRunId" not in parent.data.tags
-    ]
-    if not parents:
+def _parent_run_id(client: MlflowClient, run: RunInfo) -> str:
+    parent = find_parent_run(client, run.study, run.scale, run.run_id)
+    if parent is None:
         raise StudyFileError(
             f"Run {run.run_id} of study {run.study!r} has no MLflow parent run in "
             "this tracking store; pass the --workspace and --tracking-uri it used"
         )
-    return parents[0].info.run_id
-
-
-def recorded_parent_run_id(
-    client: MlflowClient, study: str, scale: str, run_id: str | None
-) -> str | None:
-    """Return the MLflow parent run of `run_id`, or of the latest run of the scale
-    when `run_id` is None; None when the tracking store has no such run."""
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        return None
-    parents = [
-        parent
-        for parent in client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
-            max_results=50000,
-        )
-        if "mlflow.parentRunId" not in parent.data.tags
-        and (run_id is None or parent.data.tags.get("study_run_id") == run_id)
-    ]
-    if not parents:
-        return None
-    latest = max(parents, key=lambda parent: parent.data.tags.get("study_run_id", ""))
-    return latest.info.run_id
+    return parent.info.run_id
 
 
 def _create_parent_run(
@@ -475,7 +448,7 @@ def run_study(
     with workspace.store_setup_lock():
         experiment_id = ensure_experiment(client, spec.name, artifact_uri)
     if resume_run_id:
-        parent_run_id = _parent_run_id(client, experiment_id, run)
+        parent_run_id = _parent_run_id(client, run)
         client.update_run(parent_run_id, status="RUNNING")
     else:
         parent_run_id = _create_parent_run(
