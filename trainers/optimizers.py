@@ -34,10 +34,18 @@ import torch
 from torch import nn
 from torch.optim import Muon, Optimizer
 
-# NOTE: private helpers of torch.optim.Muon (torch 2.14), reused so that each
-# expert gets exactly Muon's orthogonalization and rate scale. They may move in
-# another torch release.
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+# NOTE: private helpers and defaults of torch.optim.Muon (torch 2.14), reused so
+# that each expert gets exactly Muon's orthogonalization and rate scale. They may
+# move in another torch release.
+from torch.optim._muon import (
+    DEFAULT_A,
+    DEFAULT_B,
+    DEFAULT_C,
+    DEFAULT_NS_STEPS,
+    EPS,
+    _adjust_lr,
+    _zeropower_via_newtonschulz,
+)
 
 from trainers.config import TrialConfig
 from trainers.gradpower import AdamPower, GradPower
@@ -274,10 +282,8 @@ class StackedMuon(Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         adjust_lr_fn: str | None = None,
-        ns_steps: int = 5,
+        ns_steps: int = DEFAULT_NS_STEPS,
     ) -> None:
-        # Muon's defaults for the iteration, so that both optimizers agree.
-        reference = Muon([torch.zeros(1, 1)])
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -285,8 +291,8 @@ class StackedMuon(Optimizer):
             "nesterov": nesterov,
             "adjust_lr_fn": adjust_lr_fn,
             "ns_steps": ns_steps,
-            "ns_coefficients": reference.defaults["ns_coefficients"],
-            "eps": reference.defaults["eps"],
+            "ns_coefficients": (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+            "eps": EPS,
             "row_chunks": 1,
         }
         super().__init__(params, defaults)
