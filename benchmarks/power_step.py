@@ -93,7 +93,7 @@ class Candidate:
 
 
 def _synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer sees the whole step."""
+    """Wait for queued GPU work, so that the timer measures the whole step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
