@@ -26,7 +26,7 @@ from study.metadata import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers import gradpower, power_kernel
+from trainers import compiled_step, gradpower, power_kernel
 from trainers.gradpower import AdamPower
 
 POWER = 1.2
@@ -107,19 +107,27 @@ def build_adampower(params: list[torch.nn.Parameter]) -> Callable[[], None]:
 
 
 def build_adampower_with_env(
-    settings: dict[str, str],
+    settings: dict[str, str], compiled_step_devices: frozenset[str] | None = None
 ) -> Callable[[list[torch.nn.Parameter]], Callable[[], None]]:
-    """Return a builder whose steps run with the environment variables ``settings``."""
+    """Return a builder whose steps run with the environment variables ``settings``.
+
+    ``compiled_step_devices``, when given, replaces the device types that take
+    the compiled fused step during each step.
+    """
 
     def build(params: list[torch.nn.Parameter]) -> Callable[[], None]:
         optimizer = AdamPower(params, power=POWER, fused=True)
 
         def step() -> None:
             saved = {name: os.environ.get(name) for name in settings}
+            saved_devices = compiled_step.DEVICE_TYPES
             os.environ.update(settings)
+            if compiled_step_devices is not None:
+                compiled_step.DEVICE_TYPES = compiled_step_devices
             try:
                 optimizer.step()
             finally:
+                compiled_step.DEVICE_TYPES = saved_devices
                 for name, value in saved.items():
                     if value is None:
                         del os.environ[name]
@@ -145,9 +153,13 @@ def build_python_loop(params: list[torch.nn.Parameter]) -> Callable[[], None]:
 
 
 KERNEL_OFF = {power_kernel.KERNEL_ENV_VAR: "0"}
+COMPILED_STEP_OFF = {compiled_step.COMPILED_STEP_ENV_VAR: "0"}
 CANDIDATES = {
     "AdamW fused (baseline)": build_adamw,
     f"AdamPower p={POWER} (fused C kernel)": build_adampower,
+    f"AdamPower p={POWER} (compiled fused step, {power_kernel.KERNEL_ENV_VAR}=0)": (
+        build_adampower_with_env(KERNEL_OFF, frozenset({"cpu"}))
+    ),
     f"AdamPower p={POWER} (compiled power, {power_kernel.KERNEL_ENV_VAR}=0)": (
         build_adampower_with_env(KERNEL_OFF)
     ),
@@ -156,12 +168,16 @@ CANDIDATES = {
     ),
     "per-tensor Python loop + AdamW fused": build_python_loop,
 }
-# On a GPU the C kernel does not apply: AdamPower's default is the compiled power.
+# On a GPU the C kernel does not apply: AdamPower's default is the compiled
+# fused step.
 GPU_CANDIDATES = {
     "AdamW fused (baseline)": build_adamw,
-    f"AdamPower p={POWER} (compiled power, then fused AdamW)": build_adampower,
+    f"AdamPower p={POWER} (compiled fused step)": build_adampower,
+    f"AdamPower p={POWER} (compiled power, then fused AdamW)": (
+        build_adampower_with_env(COMPILED_STEP_OFF)
+    ),
     f"AdamPower p={POWER} (eager foreach, {gradpower.COMPILE_ENV_VAR}=0)": (
-        build_adampower_with_env({gradpower.COMPILE_ENV_VAR: "0"})
+        build_adampower_with_env({**COMPILED_STEP_OFF, gradpower.COMPILE_ENV_VAR: "0"})
     ),
     "per-tensor Python loop + AdamW fused": build_python_loop,
 }
@@ -170,7 +186,12 @@ GPU_CANDIDATES = {
 def describe_adampower_path(device: torch.device) -> str:
     """Return which path AdamPower's default step takes for float32 tensors."""
     if device.type != "cpu":
-        return "compiled power + torch's fused AdamW (the C kernel is CPU-only)"
+        if not compiled_step.compiled_step_enabled():
+            return (
+                "compiled power + torch's fused AdamW "
+                f"({compiled_step.COMPILED_STEP_ENV_VAR}=0)"
+            )
+        return "compiled fused step (the C kernel is CPU-only)"
     if not power_kernel.kernel_enabled():
         return (
             f"power transform + torch AdamW ({power_kernel.KERNEL_ENV_VAR}=0 or "
@@ -201,8 +222,8 @@ def parse_args() -> argparse.Namespace:
         "--device",
         default="cpu",
         help="cpu, or a CUDA device such as cuda or cuda:0 (default cpu); the C "
-        "kernel serves CPU tensors only, so on a GPU AdamPower runs the compiled "
-        "power and torch's fused AdamW",
+        "kernel serves CPU tensors only, so on a GPU AdamPower runs its compiled "
+        "fused step",
     )
     parser.add_argument(
         "--threads",
@@ -221,6 +242,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault(gradpower.COMPILE_ENV_VAR, "1")
     os.environ.setdefault(power_kernel.KERNEL_ENV_VAR, "1")
+    os.environ.setdefault(compiled_step.COMPILED_STEP_ENV_VAR, "1")
 
     try:
         device = torch.device(args.device)

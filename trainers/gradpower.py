@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
-from trainers import power_kernel
+from trainers import compiled_step, power_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -280,9 +280,10 @@ class AdamPower(AdamW):
     """AdamW fed the powered gradient sign(g) * |g|**power (AdamPower, Algorithm 1).
 
     The powered gradient feeds both moments. Bias correction and decoupled weight
-    decay are AdamW's. ``step()`` overwrites each ``.grad`` with its powered
-    gradient, so read gradient statistics before calling it. With power == 1.0
-    the update is bitwise AdamW's with the same arguments.
+    decay are AdamW's. ``step()`` leaves in each ``.grad`` either the powered
+    gradient or, on the compiled GPU path below, the raw one, so read gradient
+    statistics before calling it. With power == 1.0 the update is bitwise
+    AdamW's with the same arguments.
 
     A param group may set its own ``power``. Groups without one get the
     constructor's value.
@@ -293,9 +294,16 @@ class AdamPower(AdamW):
     registers and updates the moments and the parameter. Its power has a
     relative error below 2e-7 against float64, where the other paths reach a
     few 1e-6 (up to 1.1e-5 for the eager path), so its results differ from
-    theirs in the last bits. GRADPOWER_KERNEL=0 turns it off. All other
-    parameters get the power transform and torch's AdamW step with the
-    constructor's ``foreach`` and ``fused`` options.
+    theirs in the last bits. GRADPOWER_KERNEL=0 turns it off.
+
+    On a GPU, the same groups take a torch.compile'd step (see
+    trainers/compiled_step.py) when their parameters hold at least
+    compiled_step.MIN_TOTAL_NUMEL elements. It computes the power inside AdamW's
+    pointwise pass and leaves ``.grad`` as it was, which saves one write and one
+    read of every gradient. GRADPOWER_COMPILED_STEP=0 turns it off.
+
+    All other parameters get the power transform and torch's AdamW step with
+    the constructor's ``foreach`` and ``fused`` options.
 
     AMP: unlike fused AdamW, this optimizer does not take over unscaling from
     ``torch.amp.GradScaler``. The scaler unscales the gradients before ``step()``,
@@ -332,6 +340,8 @@ class AdamPower(AdamW):
             fused=fused,
         )
         self.defaults["power"] = self._default_power
+        # The compiled step's lr tensors, by (id of the param group, device).
+        self._lr_tensors: dict[tuple[int, torch.device], Tensor] = {}
         # Fused AdamW would unscale inside its kernel, after the power was taken.
         self._step_supports_amp_scaling = False
 
@@ -347,6 +357,8 @@ class AdamPower(AdamW):
         A state dict saved by plain AdamW therefore loads into AdamPower.
         """
         super().load_state_dict(state_dict)
+        # Loading replaces the param group dicts that key the lr tensors.
+        self._lr_tensors = {}
         for group in self.param_groups:
             power = group.setdefault("power", self._default_power)
             group["power"] = _check_adam_power(power)
@@ -354,6 +366,7 @@ class AdamPower(AdamW):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._default_power = self.defaults["power"]
+        self._lr_tensors = {}
         for group in self.param_groups:
             group.setdefault("power", self._default_power)
 
@@ -367,11 +380,12 @@ class AdamPower(AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kernel_params = self._step_with_kernel()
+        updated = self._step_with_kernel()
+        updated += self._step_compiled(skip={id(param) for param in updated})
         # AdamW's step skips parameters whose gradient is None, so hiding the
-        # gradients that the kernel consumed keeps them from a second update.
-        held_grads = [param.grad for param in kernel_params]
-        for param in kernel_params:
+        # gradients that the fused paths consumed keeps them from a second update.
+        held_grads = [param.grad for param in updated]
+        for param in updated:
             param.grad = None
         try:
             if any(
@@ -382,7 +396,7 @@ class AdamPower(AdamW):
                 _power_param_groups(self.param_groups, self._default_power)
                 super().step()
         finally:
-            for param, grad in zip(kernel_params, held_grads):
+            for param, grad in zip(updated, held_grads):
                 param.grad = grad
         return loss
 
@@ -432,15 +446,119 @@ class AdamPower(AdamW):
             updated.extend(params)
         return updated
 
+    def _step_compiled(self, skip: set[int]) -> list[Tensor]:
+        """Update the parameters that the compiled step supports and return them.
+
+        Parameters whose id is in ``skip`` were updated already.
+        """
+        if not compiled_step.compiled_step_enabled() or torch.compiler.is_compiling():
+            return []
+        candidates = []
+        for group in self.param_groups:
+            if not _fused_step_supports_group(group):
+                continue
+            params = [
+                param
+                for param in group["params"]
+                if id(param) not in skip and self._compiled_step_supports(param)
+            ]
+            if params:
+                candidates.append((group, params))
+        total_numel = sum(p.numel() for _, params in candidates for p in params)
+        if not candidates or total_numel < compiled_step.MIN_TOTAL_NUMEL:
+            return []
+
+        batches: dict[tuple[float, ...], compiled_step.StepBatch] = {}
+        for group, params in candidates:
+            key = compiled_step.group_key(group)
+            batch = batches.get(key)
+            if batch is None:
+                batch = compiled_step.StepBatch(*key)
+                batches[key] = batch
+            grads: list[Tensor] = []
+            steps: list[Tensor] = []
+            # torch's own state initialization, so that the state layout and
+            # state_dict() stay AdamW's.
+            self._init_group(
+                {**group, "params": params},
+                [],
+                grads,
+                batch.exp_avgs,
+                batch.exp_avg_sqs,
+                [],
+                steps,
+            )
+            batch.params.extend(params)
+            batch.grads.extend(grads)
+            batch.steps.extend(self._steps_on_device(params))
+            lr = self._lr_tensor(group, params[0].device)
+            batch.lrs.extend([lr] * len(params))
+            batch.weight_decays.extend([float(group["weight_decay"])] * len(params))
+
+        ordered = list(batches.values())
+        completed = compiled_step.run_batches(ordered)
+        return [param for batch in ordered[:completed] for param in batch.params]
+
+    def _compiled_step_supports(self, param: Tensor) -> bool:
+        grad = param.grad
+        if grad is None or param.device.type not in compiled_step.DEVICE_TYPES:
+            return False
+        if param.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        state = self.state.get(param, {})
+        tensors = [param, grad, state.get("exp_avg"), state.get("exp_avg_sq")]
+        return all(
+            tensor is None or compiled_step.supports_tensor(tensor, param)
+            for tensor in tensors
+        )
+
+    def _steps_on_device(self, params: list[Tensor]) -> list[Tensor]:
+        """Return the params' step counts as float32 tensors on their device.
+
+        AdamW keeps the count on the CPU unless ``fused`` or ``capturable`` is
+        set. The compiled step reads it on the device, so a CPU count moves
+        there once; torch's AdamW accepts a count on either device.
+        """
+        steps = []
+        for param in params:
+            state = self.state[param]
+            step = state["step"]
+            if step.device != param.device or step.dtype != torch.float32:
+                step = step.to(device=param.device, dtype=torch.float32)
+                state["step"] = step
+            steps.append(step)
+        return steps
+
+    def _lr_tensor(self, group: dict[str, Any], device: torch.device) -> Tensor:
+        """Return a 0-d tensor on ``device`` set to the group's current lr.
+
+        The compiled step takes the lr as a tensor, so a scheduler that changes
+        it does not make torch.compile recompile.
+        """
+        key = (id(group), device)
+        tensor = self._lr_tensors.get(key)
+        if tensor is None:
+            tensor = torch.empty((), dtype=torch.float32, device=device)
+            self._lr_tensors[key] = tensor
+        tensor.fill_(float(group["lr"]))
+        return tensor
+
+
+def _fused_step_supports_group(group: dict[str, Any]) -> bool:
+    """Return whether a fused path (C kernel or compiled step) covers the group."""
+    return (
+        group["power"] != 1.0
+        and not group["amsgrad"]
+        and not group["maximize"]
+        and not group["differentiable"]
+    )
+
 
 def _kernel_supports_group(group: dict[str, Any]) -> bool:
     return (
-        group["power"] != 1.0
+        _fused_step_supports_group(group)
         and group["power"] <= power_kernel.MAX_POWER
-        and not group["amsgrad"]
-        and not group["maximize"]
         and not group["capturable"]
-        and not group["differentiable"]
     )
 
 
