@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from study.spec import SCALES, StudyFileError, available_studies, load_study
 from study.workspace import DEFAULT_DATA_CACHE, Workspace, check_stores
@@ -18,7 +20,40 @@ from trainers.data.errors import DataUnavailableError
 logger = logging.getLogger("study")
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+# 128 + the signal number, as shells report a process that a signal ended.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class SigtermAsInterrupt:
+    """While active, SIGTERM stops the command the way Ctrl-C (SIGINT) does.
+
+    During a Ray Tune run the current SIGINT handler is Tune's, which stops
+    the trials and saves the experiment for `study resume`; elsewhere SIGTERM
+    raises KeyboardInterrupt. `received` records whether SIGTERM arrived.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> Self:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # None: the previous handler was not installed from Python.
+        previous = signal.SIG_DFL if self._previous is None else self._previous
+        signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        if callable(sigint_handler):
+            sigint_handler(signal.SIGINT, frame)
+        else:
+            # SIGINT is ignored (SIG_IGN) or left to the OS (SIG_DFL).
+            raise KeyboardInterrupt
 
 
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -406,7 +441,9 @@ def _learning_rate_transfer(args, spec, workspace: Workspace, client, run_id):
     return transfer
 
 
-def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
+def _run_or_resume(
+    args: argparse.Namespace, resume: bool, sigterm: SigtermAsInterrupt
+) -> int:
     spec = load_study(args.name)
     spec.scale(args.scale)
     max_concurrent = getattr(args, "max_concurrent", None)
@@ -465,15 +502,16 @@ def _run_or_resume(args: argparse.Namespace, resume: bool) -> int:
         counts[state] = counts.get(state, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     if result.unfinished:
+        cause = " by SIGTERM" if sigterm.received else ""
         print(
-            f"\nstudy {spec.name} ({args.scale}) stopped after "
+            f"\nstudy {spec.name} ({args.scale}) stopped{cause} after "
             f"{result.wall_seconds:.0f} s with {len(result.unfinished)} of "
             f"{len(result.plans)} trials unfinished ({summary or 'none finished'}); "
             f"continue with: study resume {args.name} --scale {args.scale} "
             f"--workspace {workspace.root}",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
     print(
         f"\nstudy {spec.name} ({args.scale}) finished in "
         f"{result.wall_seconds:.0f} s: {summary}"
@@ -622,11 +660,25 @@ def _log_summary_metrics(client, parent_run_id: str, spec, analysis) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    return _run_or_resume(args, resume=False)
+    return _run_or_resume_until_stopped(args, resume=False)
 
 
 def command_resume(args: argparse.Namespace) -> int:
-    return _run_or_resume(args, resume=True)
+    return _run_or_resume_until_stopped(args, resume=True)
+
+
+def _run_or_resume_until_stopped(args: argparse.Namespace, resume: bool) -> int:
+    """Run or resume a study, stopping it on SIGTERM as on Ctrl-C, and return
+    EXIT_TERMINATED when SIGTERM stopped it."""
+    with SigtermAsInterrupt() as sigterm:
+        try:
+            code = _run_or_resume(args, resume, sigterm)
+        except KeyboardInterrupt:
+            if not sigterm.received:
+                raise
+            print("terminated by SIGTERM", file=sys.stderr)
+            return EXIT_TERMINATED
+    return code
 
 
 def _check_train_overrides(args: argparse.Namespace) -> None:
@@ -716,10 +768,18 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def _mlflow_client(workspace: Workspace):
+    """Return a client of the recorded tracking store, or None without one.
+
+    Artifacts logged through it land in this folder's mlartifacts/, also
+    after the workspace was moved or copied.
+    """
     from mlflow.tracking import MlflowClient
 
     uri = _recorded_tracking_uri(workspace)
-    return MlflowClient(tracking_uri=uri) if uri else None
+    if uri is None:
+        return None
+    workspace.relocate_artifacts()
+    return MlflowClient(tracking_uri=uri)
 
 
 def command_export(args: argparse.Namespace) -> int:
@@ -811,6 +871,8 @@ def command_ui(args: argparse.Namespace) -> int:
     from dashboards.mlflow_ui import serve_ui
 
     workspace = Workspace.open(args.workspace, args.tracking_uri, create=False)
+    if _recorded_tracking_uri(workspace) is not None:
+        workspace.relocate_artifacts()
     return serve_ui(workspace, args.host, args.port)
 
 

@@ -555,8 +555,10 @@ def log_artifacts(client, parent_run_id: str | None, paths, folder: str) -> bool
 
     It logs nothing when the run records no parent run, or when the
     experiment's local artifact directory (ARTIFACT_ROOT in
-    ARTIFACT_ROOT/RUN_ID/artifacts) does not exist, which is the case for a
-    workspace copied or moved after the run.
+    ARTIFACT_ROOT/RUN_ID/artifacts) does not exist. A workspace's own tracking
+    store follows a move or copy of its folder (`Workspace.relocate_artifacts`),
+    so this happens when a tracking store outside the workspace names a
+    workspace that was moved.
     """
     from mlflow.exceptions import MlflowException
 
@@ -576,7 +578,8 @@ def log_artifacts(client, parent_run_id: str | None, paths, folder: str) -> bool
         if not root.is_dir():
             logger.warning(
                 "artifact location %s of MLflow run %s does not exist (was the "
-                "workspace moved?); %d file(s) not logged",
+                "workspace moved while its tracking store is elsewhere?); %d "
+                "file(s) not logged",
                 artifact_uri,
                 parent_run_id,
                 len(paths),

@@ -6,8 +6,11 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,23 +323,48 @@ def prepare_data(
 
 
 def _start_ray(address: str | None) -> bool:
-    """Connect to `address` or start a local Ray; return True when we started it."""
+    """Connect to `address` or start a local Ray; return True when we started it.
+
+    The SIGTERM handler that the caller installed is kept (see
+    `_restore_sigterm_handler`).
+    """
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return False
-    # Ray 2.60 replaces 127.0.0.1 with the machine's address and listens on
-    # all interfaces unless this is 0; a local cluster must stay on loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    return True
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            ray.init(
+                address=address, log_to_driver=False, logging_level=logging.WARNING
+            )
+            return False
+        # Ray 2.60 replaces 127.0.0.1 with the machine's address and listens on
+        # all interfaces unless this is 0; a local cluster must stay on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        return True
+    finally:
+        _restore_sigterm_handler(sigterm_handler)
+
+
+def _restore_sigterm_handler(handler) -> None:
+    """Install `handler` for SIGTERM again after `ray.init` replaced it.
+
+    Ray 2.60's `ray.init` sets a Python handler that calls `sys.exit(15)`
+    wherever the driver is, and its core worker installs Abseil's failure
+    signal handler for SIGTERM. That handler prints a native stack trace,
+    forwards the signal to Python's handler and arms a 3 s alarm that calls
+    abort(), so a driver still cleaning up after SIGTERM died with status 134.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread can set signal handlers, so Ray's stay.
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
 def find_unfinished_run(
@@ -344,27 +372,54 @@ def find_unfinished_run(
 ) -> str | None:
     """Return the run id of this workspace's latest unfinished run of a scale.
 
-    Runs that other workspaces recorded on a shared tracking server are
-    skipped, because their Tune experiments live in those workspaces.
+    Runs that other workspaces recorded in shared stores are skipped, because
+    their Tune experiments live in those workspaces (see `_is_workspace_run`).
     """
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return None
     parents = client.search_runs(
         [experiment.experiment_id],
-        filter_string=(
-            f"tags.study = '{study}' and tags.scale = '{scale}' "
-            f"and tags.workspace = '{workspace.root}'"
-        ),
+        filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1000,
+        max_results=50000,
     )
+    workspace_id = workspace.read_id()
     for parent in parents:
         if "mlflow.parentRunId" in parent.data.tags:
+            continue
+        if not _is_workspace_run(parent.data.tags, workspace, workspace_id):
             continue
         if parent.info.status != "FINISHED":
             return parent.data.tags["study_run_id"]
     return None
+
+
+def _is_workspace_run(
+    tags: dict[str, str], workspace: Workspace, workspace_id: str | None
+) -> bool:
+    """Return whether a parent run with `tags` belongs to `workspace`.
+
+    Every run in stores that only this workspace writes is its own, also
+    after the folder was moved or copied. In shared stores a run belongs to
+    the workspace whose id is in its `workspace_id` tag. A run recorded before
+    that tag existed belongs to the folder path in its `workspace` tag.
+    """
+    if workspace.owns_stores:
+        return True
+    if "workspace_id" in tags:
+        return workspace_id is not None and tags["workspace_id"] == workspace_id
+    return tags.get("workspace") == str(workspace.root)
+
+
+def _workspace_tags(workspace: Workspace) -> dict[str, str]:
+    """Return the parent run tags that name the workspace: its folder, for
+    people, and its id, which `find_unfinished_run` matches."""
+    tags = {"workspace": str(workspace.root)}
+    workspace_id = workspace.read_id()
+    if workspace_id is not None:
+        tags["workspace_id"] = workspace_id
+    return tags
 
 
 def _parent_run_id(client: MlflowClient, run: RunInfo) -> str:
@@ -383,7 +438,7 @@ def _create_parent_run(
     run: RunInfo,
     plans,
     scale,
-    workspace_root,
+    workspace: Workspace,
     extra_tags: dict[str, str] | None = None,
 ) -> str:
     parent = client.create_run(
@@ -393,7 +448,7 @@ def _create_parent_run(
             "study": run.study,
             "scale": run.scale,
             "study_run_id": run.run_id,
-            "workspace": str(workspace_root),
+            **_workspace_tags(workspace),
             **(extra_tags or {}),
         },
     )
@@ -450,9 +505,13 @@ def run_study(
     if resume_run_id:
         parent_run_id = _parent_run_id(client, run)
         client.update_run(parent_run_id, status="RUNNING")
+        # A moved or copied workspace, or a run recorded before the
+        # workspace_id tag existed, names its current folder and id from now on.
+        for name, value in _workspace_tags(workspace).items():
+            client.set_tag(parent_run_id, name, value)
     else:
         parent_run_id = _create_parent_run(
-            client, experiment_id, run, plans, scale, workspace.root, parent_tags
+            client, experiment_id, run, plans, scale, workspace, parent_tags
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recorder = StudyRecorder(
@@ -479,15 +538,23 @@ def run_study(
     status = RunStatus.FAILED
     started_ray = _start_ray(ray_address)
     logger.info("Ray Tune results: %s", experiment_path)
+    # Ray Tune installs its own SIGINT handler, which only sets Tune's stop
+    # flag, and leaves it in place after a run that no signal stopped. The
+    # caller's handler is put back so that Ctrl-C and SIGTERM stop the
+    # analysis that follows.
+    sigint_handler = signal.getsignal(signal.SIGINT)
     try:
         trainable = tune.with_resources(train_one, trial_resources)
+        callback = RecordingCallback(recorder, Progress(plans, units))
         if resume_run_id:
+            _repoint_unstarted_trials(experiment_path)
             tuner = tune.Tuner.restore(
                 str(experiment_path),
                 trainable=trainable,
                 resume_unfinished=True,
                 resume_errored=True,
             )
+            _replace_restored_callbacks(tuner, callback)
         else:
             tuner = _new_tuner(
                 trainable,
@@ -498,7 +565,7 @@ def run_study(
                 resources,
                 workspace,
                 max_concurrent,
-                RecordingCallback(recorder, Progress(plans, units)),
+                callback,
             )
         tuner.fit()
         status = RunStatus.FINISHED
@@ -506,6 +573,10 @@ def run_study(
         status = RunStatus.KILLED
         raise
     finally:
+        if sigint_handler is not None and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(signal.SIGINT, sigint_handler)
         # A fresh connection reads what the callback wrote in this process.
         final = StudyRecorder(
             workspace.tracking_uri,
@@ -537,6 +608,72 @@ def run_study(
         wall_seconds=time.perf_counter() - started,
         unfinished=unfinished,
     )
+
+
+# Ray Tune 2.60's BasicVariantGenerator saves its state to this pattern.
+SEARCH_STATE_FILES = "basic-variant-state-*.json"
+
+
+def _repoint_unstarted_trials(experiment_path: Path) -> None:
+    """Point the trials that Tune has not created yet at `experiment_path`.
+
+    Tune 2.60 moves the trials that it restores to the experiment folder it
+    restores from. The grid points that its search algorithm has not turned
+    into trials yet keep the storage of the folder the run started in, so
+    after a move or copy their checkpoints would go to that folder. This
+    rewrites the search algorithm's saved state before Tune reads it.
+    """
+    from ray import cloudpickle
+
+    for path in sorted(experiment_path.glob(SEARCH_STATE_FILES)):
+        state = cloudpickle.loads(path.read_bytes())
+        changed = False
+        for storage in _unstarted_trial_storages(state):
+            if Path(storage.experiment_fs_path) == experiment_path:
+                continue
+            # The same fields that Tune updates on the trials it restores.
+            storage.storage_fs_path = experiment_path.parent.as_posix()
+            storage.experiment_dir_name = experiment_path.name
+            changed = True
+        if changed:
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_bytes(cloudpickle.dumps(state))
+            os.replace(partial, path)
+
+
+def _unstarted_trial_storages(search_state: dict) -> Iterator:
+    """Yield the storage contexts in a BasicVariantGenerator's saved state: one
+    in each grid's spec and one in each grid point's spec not yet made a trial."""
+    # NOTE: this reads private attributes of Ray Tune 2.60's _TrialIterator
+    # and _VariantIterator, and was checked against that version only.
+    for iterator in search_state.get("_iterators", []):
+        specs = [iterator.unresolved_spec]
+        variants = getattr(iterator, "variants", None)
+        if variants is not None and not variants.lazy_eval:
+            specs.extend(spec for _, spec in variants.iterable)
+        for spec in specs:
+            storage = spec.get("storage")
+            if storage is not None:
+                yield storage
+
+
+def _replace_restored_callbacks(tuner: tune.Tuner, callback: RecordingCallback) -> None:
+    """Record a restored experiment with this process's recorder.
+
+    Tune restores the callbacks pickled with the experiment, and their
+    recorder contains the store URIs of the folder that the run started in. After
+    a move those stores are gone, and after a copy they are the other copy's.
+    """
+    local_tuner = getattr(tuner, "_local_tuner", None)
+    if local_tuner is None:
+        # NOTE: under Ray Client (ray:// addresses) the tuner lives in the
+        # cluster, so the pickled callbacks and their store URIs stay.
+        logger.warning(
+            "a Ray Client tuner keeps the recorder it was started with; resume "
+            "from the workspace path and stores that the run started with"
+        )
+        return
+    local_tuner.get_run_config().callbacks = [callback]
 
 
 def _new_tuner(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import json
+import logging
 import os
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,13 @@ import sqlalchemy.exc
 
 from study.spec import StudyFileError
 
+logger = logging.getLogger("study")
+
 DEFAULT_DATA_CACHE = Path("~/.cache/gradpower-study")
+# Contains the workspace id, which MLflow parent runs carry in their
+# `workspace_id` tag, and the folder the workspace was last opened at.
+IDENTITY_FILE = "workspace.json"
+ARTIFACT_FOLDER = "mlartifacts"
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,8 @@ class Workspace:
             )
         return cls(
             root=path,
-            tracking_uri=tracking_uri or f"sqlite:///{path / 'mlflow.db'}",
-            optuna_storage=optuna_storage or f"sqlite:///{path / 'optuna.db'}",
+            tracking_uri=tracking_uri or _sqlite_uri(path / "mlflow.db"),
+            optuna_storage=optuna_storage or _sqlite_uri(path / "optuna.db"),
             data_cache=cache,
         )
 
@@ -89,15 +98,22 @@ class Workspace:
 
     def open_stores(self):
         """Return an MLflow client after creating both stores' tables under
-        `store_setup_lock`."""
+        `store_setup_lock`.
+
+        It also writes the workspace's id file and, where the workspace was
+        moved or copied since it recorded its runs, points the artifact
+        locations of its own tracking store at this folder.
+        """
         from mlflow.tracking import MlflowClient
 
         from study.recording import open_optuna_storage
 
         with self.store_setup_lock():
+            self._update_identity()
             client = MlflowClient(tracking_uri=self.tracking_uri)
             client.search_experiments(max_results=1)
             open_optuna_storage(self.optuna_storage)
+            self._relocate_artifacts()
         return client
 
     def require_recorded(self) -> None:
@@ -113,9 +129,112 @@ class Workspace:
                     "first or pass the right --workspace"
                 )
 
+    def relocate_artifacts(self) -> None:
+        """Point the artifact locations of the workspace's own tracking store at
+        this folder's mlartifacts/ (see `_relocate_artifacts`).
+
+        It takes the store lock only when a location must change, so a
+        read-only workspace that was not moved stays readable.
+        """
+        if self._tracking_database() is None:
+            return
+        with self._tracking_connection() as connection:
+            if not _stale_artifact_locations(connection, self.artifact_root.as_uri()):
+                return
+        with self.store_setup_lock():
+            self._relocate_artifacts()
+
+    @property
+    def owns_stores(self) -> bool:
+        """Whether both stores are the workspace's own sqlite files, which no
+        other workspace writes to."""
+        return self.tracking_uri == _sqlite_uri(
+            self.root / "mlflow.db"
+        ) and self.optuna_storage == _sqlite_uri(self.root / "optuna.db")
+
+    def read_id(self) -> str | None:
+        """Return the id in the workspace's id file, or None before
+        `open_stores` wrote it."""
+        identity = _read_identity(self.root / IDENTITY_FILE)
+        return identity["id"] if identity else None
+
+    def _update_identity(self) -> None:
+        """Create the id file, or record this folder in it. Call it under
+        `store_setup_lock`.
+
+        The id moves with the folder. A folder whose id file names another
+        existing folder with the same id is a copy of that folder, so it gets a
+        new id: runs that the original recorded in shared stores stay the
+        original's.
+        """
+        path = self.root / IDENTITY_FILE
+        identity = _read_identity(path)
+        if identity is None:
+            _write_identity(path, uuid.uuid4().hex, self.root)
+            return
+        recorded_root = Path(identity["root"])
+        if recorded_root == self.root:
+            return
+        if _is_copy_of(self.root, recorded_root, identity["id"]):
+            logger.info(
+                "workspace %s is a copy of %s; it gets its own id, and runs that "
+                "%s recorded in shared stores stay with it",
+                self.root,
+                recorded_root,
+                recorded_root,
+            )
+            _write_identity(path, uuid.uuid4().hex, self.root)
+            return
+        logger.info("workspace moved from %s to %s", recorded_root, self.root)
+        _write_identity(path, identity["id"], self.root)
+
+    def _relocate_artifacts(self) -> None:
+        """Rewrite artifact locations that name another folder's mlartifacts/.
+        Call it under `store_setup_lock`.
+
+        MLflow stores each experiment's artifact location and each run's
+        artifact URI as absolute file URIs, and has no API to change them.
+        `study run` creates every experiment of the workspace's own store with
+        WORKSPACE/mlartifacts, so a location that ends in another folder's
+        mlartifacts is this workspace's from before a move or copy. Without the
+        rewrite, logging exports would write into the old folder, which after
+        a copy is the other workspace's.
+        """
+        if self._tracking_database() is None:
+            return
+        new_location = self.artifact_root.as_uri()
+        with self._tracking_connection() as connection:
+            for old_location in _stale_artifact_locations(connection, new_location):
+                _replace_location(connection, old_location, new_location)
+                logger.info(
+                    "MLflow artifact location %s is now %s",
+                    old_location,
+                    new_location,
+                )
+
+    def _tracking_database(self) -> Path | None:
+        """Return the workspace's own MLflow sqlite file, or None where the
+        tracking store is elsewhere or not created yet."""
+        database = self.root / "mlflow.db"
+        if self.tracking_uri != _sqlite_uri(database) or not database.exists():
+            return None
+        return database
+
+    @contextlib.contextmanager
+    def _tracking_connection(self) -> Iterator[sqlalchemy.Connection]:
+        """Open one transaction on the workspace's own MLflow sqlite file."""
+        engine = sqlalchemy.create_engine(
+            self.tracking_uri, connect_args={"timeout": 60}
+        )
+        try:
+            with engine.begin() as connection:
+                yield connection
+        finally:
+            engine.dispose()
+
     @property
     def artifact_root(self) -> Path:
-        return self.root / "mlartifacts"
+        return self.root / ARTIFACT_FOLDER
 
     @property
     def ray_results(self) -> Path:
@@ -124,6 +243,100 @@ class Workspace:
     @property
     def exports(self) -> Path:
         return self.root / "exports"
+
+
+def _sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _read_identity(path: Path) -> dict | None:
+    """Return the id file's {"id", "root"}, or None where it does not exist."""
+    try:
+        identity = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise StudyFileError(
+            f"Workspace id file {path} cannot be read ({error}); restore it from "
+            "a backup, or delete it to give the workspace a new id"
+        ) from None
+    if not (
+        isinstance(identity, dict)
+        and isinstance(identity.get("id"), str)
+        and isinstance(identity.get("root"), str)
+    ):
+        raise StudyFileError(
+            f"Workspace id file {path} is invalid (expected the keys id and root); "
+            "restore it from a backup, or delete it to give the workspace a new id"
+        )
+    return identity
+
+
+def _write_identity(path: Path, workspace_id: str, root: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"id": workspace_id, "root": str(root)}) + "\n")
+    os.replace(partial, path)
+
+
+def _is_copy_of(root: Path, recorded_root: Path, workspace_id: str) -> bool:
+    """Return whether `recorded_root` is another folder whose id file contains
+    `workspace_id`, which makes `root` a copy of it.
+
+    A `recorded_root` that no longer exists, is the same folder under another
+    path, or contains another id means that the workspace was moved.
+    """
+    # NOTE: a copy opened only after its original was moved or deleted counts
+    # as moved, and keeps the original's id.
+    try:
+        if os.path.samefile(root, recorded_root):
+            return False
+        other = _read_identity(recorded_root / IDENTITY_FILE)
+    except (OSError, StudyFileError):
+        return False
+    return other is not None and other["id"] == workspace_id
+
+
+def _stale_artifact_locations(connection, new_location: str) -> list[str]:
+    """Return the experiments' artifact locations that are another folder's
+    mlartifacts/, in the tracking store open on `connection`."""
+    locations = connection.execute(
+        sqlalchemy.text("SELECT artifact_location FROM experiments")
+    ).scalars()
+    return sorted(
+        {
+            location.rstrip("/")
+            for location in locations
+            if location
+            and location.startswith("file://")
+            and location.rstrip("/").endswith(f"/{ARTIFACT_FOLDER}")
+            and location.rstrip("/") != new_location
+        }
+    )
+
+
+def _replace_location(connection, old_location: str, new_location: str) -> None:
+    """Replace `old_location` with `new_location` as the artifact location of
+    experiments and as the prefix of their runs' artifact URIs."""
+    prefix = old_location + "/"
+    connection.execute(
+        sqlalchemy.text(
+            "UPDATE runs SET artifact_uri = :new || substr(artifact_uri, :start) "
+            "WHERE substr(artifact_uri, 1, :length) = :prefix"
+        ),
+        {
+            "new": new_location + "/",
+            "start": len(prefix) + 1,
+            "length": len(prefix),
+            "prefix": prefix,
+        },
+    )
+    connection.execute(
+        sqlalchemy.text(
+            "UPDATE experiments SET artifact_location = :new "
+            "WHERE artifact_location IN (:old, :prefix)"
+        ),
+        {"new": new_location, "old": old_location, "prefix": prefix},
+    )
 
 
 STORE_CHECK_TIMEOUT_SEC = 10

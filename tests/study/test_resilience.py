@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from study.analysis import analyze_run, load_runs
+from study.cli import EXIT_TERMINATED, SigtermAsInterrupt
+from study.workspace import IDENTITY_FILE
 from tests.study.resilience_support import (
     child_runs,
     descendants,
@@ -128,6 +132,150 @@ def test_interrupted_driver_leaves_trials_for_resume(tmp_path):
     trials = optuna_trials(workspace, "interrupt")
     assert len(trials) == 4
     assert {t.user_attrs["steps_done"] for t in trials} == {60}
+
+
+def test_sigterm_handler_stops_like_sigint():
+    sigint_calls = []
+    previous_sigint = signal.signal(
+        signal.SIGINT, lambda signum, frame: sigint_calls.append(signum)
+    )
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with SigtermAsInterrupt() as sigterm:
+            signal.raise_signal(signal.SIGTERM)
+        assert sigint_calls == [signal.SIGINT]
+        assert sigterm.received
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt), SigtermAsInterrupt():
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    assert signal.getsignal(signal.SIGTERM) == previous_sigterm
+
+
+@dataclass(frozen=True)
+class TerminatedRun:
+    """A four-trial run whose driver got SIGTERM after the first trial ended,
+    as the driver left it."""
+
+    path: Path
+    workspace: Path
+    code: int
+    log: str
+    steps_recorded: list[int]
+    parent_status: str
+
+
+@pytest.fixture(scope="module")
+def terminated_run(tmp_path_factory) -> TerminatedRun:
+    path, workspace, log, code = _signal_driver(
+        tmp_path_factory.mktemp("terminated"), "terminate", "[1 done", signal.SIGTERM
+    )
+    (parent,) = _parent_runs(workspace, "terminate")
+    return TerminatedRun(
+        path=path,
+        workspace=workspace,
+        code=code,
+        log=log.read_text(),
+        steps_recorded=[
+            trial.user_attrs["steps_done"]
+            for trial in optuna_trials(workspace, "terminate")
+        ],
+        parent_status=parent.info.status,
+    )
+
+
+def _parent_runs(workspace: Path, study: str) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+
+
+def test_terminated_driver_leaves_trials_for_resume(terminated_run):
+    """SIGTERM stops Ray Tune as Ctrl-C does, and stopped trials stay unfinished.
+
+    test_copied_and_moved_workspaces_resume resumes this run.
+    """
+    log = terminated_run.log
+    assert terminated_run.code == EXIT_TERMINATED, log[-3000:]
+    stopped = [line for line in log.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1, log[-3000:]
+    assert "study resume" in stopped[0]
+    # Ray's native failure handler prints this header before its stack dump.
+    assert "SIGTERM received" not in log
+    assert "Traceback" not in log
+    # Every recorded trial ran its whole budget.
+    assert set(terminated_run.steps_recorded) == {60}
+    assert len(terminated_run.steps_recorded) < 4
+    assert terminated_run.parent_status == "KILLED"
+
+
+def _file_states(root: Path) -> dict[str, tuple[int, int]]:
+    """Map each file below `root` to its size and modification time."""
+    states = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            status = path.stat()
+            states[str(path.relative_to(root))] = (status.st_size, status.st_mtime_ns)
+    return states
+
+
+def _assert_recorded_once(workspace: Path, study: str) -> None:
+    """Check one finished child run and one Optuna trial per grid point, each
+    with the whole budget and no metric step logged twice."""
+    runs = child_runs(workspace, study)
+    keys = sorted(run.data.tags["trial_key"] for run in runs)
+    assert len(keys) == 4
+    assert len(set(keys)) == 4
+    assert {run.data.tags["end_state"] for run in runs} == {"censored"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    for run in runs:
+        steps = [
+            m.step for m in client.get_metric_history(run.info.run_id, "train/loss")
+        ]
+        assert len(steps) == len(set(steps)), run.data.tags["trial_key"]
+    trials = optuna_trials(workspace, study)
+    assert sorted(t.user_attrs["trial_key"] for t in trials) == keys
+    assert {t.user_attrs["steps_done"] for t in trials} == {60}
+    (parent,) = _parent_runs(workspace, study)
+    assert parent.info.status == "FINISHED"
+    root = workspace.resolve()
+    assert parent.info.artifact_uri.startswith(root.as_uri() + "/mlartifacts/")
+    assert parent.data.tags["workspace"] == str(root)
+    exports = client.list_artifacts(parent.info.run_id, "exports")
+    assert exports, "the resumed run logged no exports on its parent run"
+
+
+def _workspace_id(workspace: Path) -> str:
+    return json.loads((workspace / IDENTITY_FILE).read_text())["id"]
+
+
+def test_copied_and_moved_workspaces_resume(terminated_run, tmp_path):
+    original = terminated_run.workspace
+    original_id = _workspace_id(original)
+    resume = ["resume", str(terminated_run.path), "--scale", "smoke", "--workspace"]
+
+    # A copy resumes on its own files and leaves the original's alone.
+    copy = tmp_path / "copy" / "ws"
+    shutil.copytree(original, copy)
+    before = _file_states(original)
+    resumed = _run([*resume, str(copy)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_recorded_once(copy, "terminate")
+    assert _file_states(original) == before
+    assert _workspace_id(copy) != original_id
+
+    # The original, moved, resumes where it is now.
+    moved = tmp_path / "moved" / "ws"
+    moved.parent.mkdir()
+    shutil.move(original, moved)
+    resumed = _run([*resume, str(moved)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_recorded_once(moved, "terminate")
+    assert _workspace_id(moved) == original_id
+    assert not original.exists()
 
 
 def _worker_pid(experiment_dir: Path, min_step: int) -> int | None:
