@@ -337,9 +337,7 @@ def _start_ray(address: str | None) -> bool:
                 address=address, log_to_driver=False, logging_level=logging.WARNING
             )
             return False
-        # Ray 2.60 replaces 127.0.0.1 with the machine's address and listens on
-        # all interfaces unless this is 0; a local cluster must stay on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _keep_local_ray_on_loopback()
         ray.init(
             num_cpus=os.cpu_count(),
             include_dashboard=False,
@@ -350,6 +348,24 @@ def _start_ray(address: str | None) -> bool:
         return True
     finally:
         _restore_sigterm_handler(sigterm_handler)
+
+
+def _keep_local_ray_on_loopback() -> None:
+    """Make the local Ray that `ray.init` starts listen on 127.0.0.1 only.
+
+    Ray 2.60 replaces the node address 127.0.0.1 with the machine's routable
+    address, and its GCS server, raylet and workers then listen on all
+    interfaces, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0. Ray reads that
+    variable into `ray_constants.ENABLE_RAY_CLUSTER` once, on import, and this
+    module imports Ray before any of its code runs. So the variable is set for
+    the processes that Ray starts, and the constant for this one.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    # NOTE: a private constant of Ray 2.60; services.get_node_ip_address
+    # reads it on every call.
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _restore_sigterm_handler(handler) -> None:
