@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -15,9 +17,12 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
+from trainers import tables as workload_tables
 from trainers.schedules import SCHEDULES
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -29,14 +34,87 @@ ANALYSES = ("power_trend", "compare", "lr_tune")
 GRID_AXIS_NAMES = ("batch_size", "power", "lr_max", "seed")
 # Validation metrics each training workload reports, usable as targets.
 TARGET_METRICS = {"lm": ("val/loss",), "vision": ("val/loss", "val/accuracy")}
+# Every trial seeds numpy's global generator (np.random.seed), which accepts
+# 0 to 2**32 - 1 and raises ValueError for any other seed.
+MAX_SEED = 2**32 - 1
+# Values of `train.device`: `auto`, or a torch device type with an optional index.
+DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|mps|xpu)(:[0-9]+)?")
+# The ResNet presets that torchvision builds, next to the table of small ones.
+TORCHVISION_RESNET_PRESETS = ("resnet34",)
+# Byte-level BPE starts from 256 byte tokens and adds EOS.
+MIN_BPE_VOCAB_SIZE = 257
 
 
 class StudyFileError(ValueError):
     """A study file or CLI value that cannot run; the message names the fix."""
 
 
+class SettingError(ValueError):
+    """A validator's error about one setting inside the model that raises it.
+
+    `location` is the path from that model to the setting. The error message
+    appends it to the model's own location.
+    """
+
+    def __init__(self, message: str, location: tuple[str | int, ...]) -> None:
+        super().__init__(message)
+        self.location = location
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a quoted number such as "1.2" is a string and is rejected, and so
+    # is true where a number is expected. Whole numbers are accepted as floats.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def lm_presets() -> dict[str, list[str]]:
+    """Return the preset names of each lm model family."""
+    tables = {
+        "llama": workload_tables.LLAMA_PRESETS,
+        "qwen2moe": workload_tables.QWEN2MOE_PRESETS,
+    }
+    return {family: list(tables[family]) for family in workload_tables.MODEL_FAMILIES}
+
+
+def vision_presets() -> list[str]:
+    """Return the ResNet preset names of the vision workload."""
+    return [*workload_tables.SMALL_RESNETS, *TORCHVISION_RESNET_PRESETS]
+
+
+def _check_unique(name: str, values: list[Any]) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(
+                f"{name} {values} lists {value!r} twice; remove the duplicate, "
+                "because Ray would train the same trials twice"
+            )
+        seen.add(value)
+
+
+def _check_seeds(seeds: list[int]) -> list[int]:
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed {seed} is invalid; use 0 to 2**32 - 1")
+    _check_unique("seed", seeds)
+    return seeds
+
+
+_LR_LIST = "<list>"
+_LR_PER_BATCH_SIZE = "<per batch size>"
+
+
+def _lr_max_form(value: Any) -> str:
+    return _LR_PER_BATCH_SIZE if isinstance(value, dict) else _LR_LIST
+
+
+RateList = Annotated[list[float], Field(min_length=1)]
+# One list of rates for every batch size, or a list per batch size.
+LearningRates = Annotated[
+    Annotated[RateList, Tag(_LR_LIST)]
+    | Annotated[dict[int, RateList], Field(min_length=1), Tag(_LR_PER_BATCH_SIZE)],
+    Discriminator(_lr_max_form),
+]
 
 
 class Grid(Strict):
@@ -48,40 +126,79 @@ class Grid(Strict):
     power: list[float] = Field(min_length=1)
     """GradPower exponents; must contain 1.0, the Adam baseline."""
 
-    lr_max: list[float] | dict[int, list[float]] = Field(min_length=1)
+    lr_max: LearningRates
     """Peak learning rates: one list for every batch size, or a list per batch size."""
 
     seed: list[StrictInt] = Field(default=[0], min_length=1)
 
-    @model_validator(mode="after")
-    def _check_axes(self) -> Grid:
-        for value in self.batch_size:
+    @field_validator("batch_size")
+    @classmethod
+    def _check_batch_sizes(cls, values: list[int]) -> list[int]:
+        for value in values:
             if value <= 0:
                 raise ValueError(
                     f"batch_size {value} is invalid; use a positive whole number"
                 )
-        for value in self.power:
+        _check_unique("batch_size", values)
+        return values
+
+    @field_validator("power")
+    @classmethod
+    def _check_powers(cls, values: list[float]) -> list[float]:
+        for value in values:
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(
                     f"power {value} is invalid; use a finite number > 0 "
                     "(1.0 is plain Adam, the paper's default is 1.2)"
                 )
-        if 1.0 not in self.power:
+        _check_unique("power", values)
+        if 1.0 not in values:
             raise ValueError(
-                f"power {self.power} lacks 1.0; add 1.0, the Adam baseline that "
+                f"power {values} lacks 1.0; add 1.0, the Adam baseline that "
                 "every other power is compared with"
             )
-        for rates in self.lr_by_batch_size().values():
-            for value in rates:
-                if not math.isfinite(value) or value <= 0:
-                    raise ValueError(f"lr_max {value} is invalid; use a number > 0")
-        if isinstance(self.lr_max, dict):
-            missing = sorted(set(self.batch_size) - set(self.lr_max))
-            if missing:
-                raise ValueError(
-                    f"lr_max has no learning rates for batch sizes {missing}; "
-                    "add an entry for each batch size or give one list for all"
-                )
+        return values
+
+    @field_validator("lr_max")
+    @classmethod
+    def _check_rates(
+        cls, value: list[float] | dict[int, list[float]]
+    ) -> list[float] | dict[int, list[float]]:
+        if isinstance(value, dict):
+            named = {f"lr_max of batch size {bs}": rates for bs, rates in value.items()}
+        else:
+            named = {"lr_max": value}
+        for name, rates in named.items():
+            for rate in rates:
+                if not math.isfinite(rate) or rate <= 0:
+                    raise ValueError(f"lr_max {rate} is invalid; use a number > 0")
+            _check_unique(name, rates)
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed_range(cls, values: list[int]) -> list[int]:
+        return _check_seeds(values)
+
+    @model_validator(mode="after")
+    def _check_rates_per_batch_size(self) -> Grid:
+        if not isinstance(self.lr_max, dict):
+            return self
+        missing = sorted(set(self.batch_size) - set(self.lr_max))
+        if missing:
+            raise SettingError(
+                f"lr_max has no learning rates for batch sizes {missing}; "
+                "add an entry for each batch size or give one list for all",
+                ("lr_max",),
+            )
+        extra = sorted(set(self.lr_max) - set(self.batch_size))
+        if extra:
+            raise SettingError(
+                f"lr_max has learning rates for batch sizes {extra}, which "
+                f"batch_size {self.batch_size} lacks; add them to batch_size or "
+                "remove their entries",
+                ("lr_max",),
+            )
         return self
 
     def lr_by_batch_size(self) -> dict[int, list[float]]:
@@ -129,6 +246,16 @@ class Training(Strict):
     inject_nan_loss_at_step: int | None = Field(default=None, ge=0)
     """Fault injection for tests: NaN training loss at this step."""
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"device {value!r} is unknown; use auto (cuda when available, "
+                "else cpu), cpu, cuda, cuda:N, mps or xpu"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_schedule(self) -> Training:
         if self.schedule not in SCHEDULES:
@@ -147,7 +274,7 @@ class Target(Strict):
     """When a trial counts as reached."""
 
     metric: str = "val/loss"
-    value: float
+    value: float = Field(allow_inf_nan=False)
     mode: Literal["min", "max"] = "min"
 
 
@@ -169,6 +296,156 @@ class FaultInjection(Strict):
     only: dict[str, float] = Field(default_factory=dict)
     """Grid values a trial must have to be affected, e.g. {power: 1.4}; empty
     means every trial."""
+
+
+class LanguageModelSettings(Strict):
+    """`model` of an lm entry: the decoder family and its preset shape."""
+
+    family: str = "llama"
+    preset: str | None = None
+    """None means the llama family's default preset, `cpu`."""
+
+    @model_validator(mode="after")
+    def _check_preset(self) -> LanguageModelSettings:
+        presets = lm_presets()
+        if self.family not in presets:
+            raise SettingError(
+                f"family {self.family!r} is unknown; choose one of {list(presets)}",
+                ("family",),
+            )
+        names = presets[self.family]
+        if self.preset is None and self.family == "qwen2moe":
+            raise SettingError(
+                f"the qwen2moe family needs a preset; choose one of {names}",
+                ("preset",),
+            )
+        if self.preset is not None and self.preset not in names:
+            raise SettingError(
+                f"{self.family} preset {self.preset!r} is unknown; choose one of "
+                f"{names}",
+                ("preset",),
+            )
+        return self
+
+
+class VisionModelSettings(Strict):
+    """`model` of a vision entry: the ResNet preset."""
+
+    preset: str = "cpu"
+
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, value: str) -> str:
+        names = vision_presets()
+        if value not in names:
+            raise ValueError(
+                f"ResNet preset {value!r} is unknown; choose one of {names}"
+            )
+        return value
+
+
+class TextData(Strict):
+    """`data` of an lm entry, checked with the rules that token-shard
+    preparation applies, after the workload's DEFAULT_DATA fills unset keys."""
+
+    source: str
+    paths: list[str]
+    tokenizer: Literal["bpe", "pretrained"]
+    vocab_size: int
+    tokenizer_path: str | None
+    seq_len: int = Field(ge=1)
+    val_tokens: int | None
+    max_documents: int | None = Field(ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        kinds = list(get_args(workload_tables.SourceKind))
+        if value not in kinds:
+            raise ValueError(f"source {value!r} is unknown; choose one of {kinds}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> TextData:
+        if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise SettingError(
+                f"vocab_size {self.vocab_size} is too small for the bpe tokenizer; "
+                f"use {MIN_BPE_VOCAB_SIZE} or more (256 byte tokens plus EOS)",
+                ("vocab_size",),
+            )
+        if self.tokenizer == "pretrained" and not self.tokenizer_path:
+            raise SettingError(
+                "the pretrained tokenizer needs tokenizer_path, a Hugging Face hub "
+                "name or a local directory (for example google-t5/t5-base)",
+                ("tokenizer_path",),
+            )
+        if self.source == "files" and not self.paths:
+            raise SettingError(
+                "the files source needs paths; add the text files or glob patterns",
+                ("paths",),
+            )
+        if self.source == "c4_local" and not self.paths:
+            raise SettingError(
+                "the c4_local source needs paths; add the directories that contain "
+                "the c4-train.*.json.gz and c4-validation.*.json.gz shards",
+                ("paths",),
+            )
+        window = self.seq_len + 1
+        if self.val_tokens is not None and self.val_tokens < window:
+            raise SettingError(
+                f"val_tokens {self.val_tokens} is shorter than one window of "
+                f"seq_len + 1 = {window} tokens; raise val_tokens or lower seq_len",
+                ("val_tokens",),
+            )
+        return self
+
+
+class ImageData(Strict):
+    """`data` of a vision entry, after the workload's DEFAULT_DATA fills unset keys."""
+
+    dataset: str
+    root: str | None
+    source_dir: str | None
+    download: bool
+    train_examples: int | None = Field(ge=1)
+    eval_examples: int | None = Field(ge=1)
+    augment: bool
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        names = list(get_args(workload_tables.ImageDatasetName))
+        if value not in names:
+            raise ValueError(f"dataset {value!r} is unknown; choose one of {names}")
+        return value
+
+
+# The settings models of each training workload's `model` and `data`, and the
+# defaults that fill unset data keys.
+WORKLOAD_SETTINGS: dict[str, tuple[type[Strict], type[Strict], dict[str, Any]]] = {
+    "lm": (LanguageModelSettings, TextData, workload_tables.LM_DEFAULT_DATA),
+    "vision": (VisionModelSettings, ImageData, workload_tables.VISION_DEFAULT_DATA),
+}
+
+
+def _check_settings_model(
+    model_class: type[Strict], values: dict[str, Any], location: tuple[str, ...]
+) -> None:
+    """Validate `values` with `model_class`; raise a SettingError at `location`
+    for its first error."""
+    try:
+        model_class.model_validate(values)
+    except ValidationError as error:
+        item_location, message = _describe_error(error.errors()[0])
+        raise SettingError(message, (*location, *item_location)) from None
+
+
+def _check_workload_settings(kind: str, entry: WorkloadStudy) -> None:
+    """Check an entry's `model` and `data` before the trainers read them, because
+    they are free-form mappings in the entry."""
+    model_class, data_class, defaults = WORKLOAD_SETTINGS[kind]
+    _check_settings_model(model_class, entry.model, ("model",))
+    _check_settings_model(data_class, {**defaults, **entry.data}, ("data",))
 
 
 class WorkloadStudy(Strict):
@@ -234,17 +511,21 @@ class ToyGrid(Strict):
     power: list[float] = Field(min_length=1)
     seed: list[int] = Field(default=[0], min_length=1)
 
-    @model_validator(mode="after")
-    def _check_axes(self) -> ToyGrid:
-        for value in self.noise_ratio:
+    @field_validator("noise_ratio", "power")
+    @classmethod
+    def _check_positive(cls, values: list[float], info: ValidationInfo) -> list[float]:
+        for value in values:
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(
-                    f"noise_ratio {value} is invalid; use a finite number > 0"
+                    f"{info.field_name} {value} is invalid; use a finite number > 0"
                 )
-        for value in self.power:
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"power {value} is invalid; use a finite number > 0")
-        return self
+        _check_unique(info.field_name, values)
+        return values
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed_range(cls, values: list[int]) -> list[int]:
+        return _check_seeds(values)
 
     def size(self) -> int:
         return len(self.noise_ratio) * len(self.power) * len(self.seed)
@@ -274,7 +555,12 @@ class ToyNoiseStudy(Strict):
 
 
 def _entry_kind(entry: Any) -> str:
-    workload = entry.get("workload") if isinstance(entry, dict) else entry.workload
+    if isinstance(entry, dict):
+        workload = entry.get("workload")
+    else:
+        # A validated entry, or a value that is not a mapping, which the
+        # training entry's validation rejects.
+        workload = getattr(entry, "workload", None)
     return ENTRY_TOY if workload == "toy_noise" else ENTRY_TRAINING
 
 
@@ -309,6 +595,12 @@ class Scale(Strict):
                     f"workload {label!r} has no type; name the entry lm or vision, "
                     f"or set `workload: lm|vision|toy_noise` in it"
                 )
+            try:
+                _check_workload_settings(kind, entry)
+            except SettingError as error:
+                raise SettingError(
+                    str(error), ("workloads", label, *error.location)
+                ) from None
             if entry.target is None:
                 continue
             if entry.target.metric not in TARGET_METRICS[kind]:
@@ -439,42 +731,221 @@ def _check_series(scale_name: str, scale: Scale) -> None:
             seen[key] = label
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+# Tags of the tagged unions, which pydantic puts into error locations.
+_UNION_TAGS = frozenset({ENTRY_TOY, ENTRY_TRAINING, _LR_LIST, _LR_PER_BATCH_SIZE})
+_MAX_INPUT_REPR = 80
+_NUMBER_TYPES = frozenset({"int_type", "float_type"})
+
+
+def _describe_error(item: Any) -> tuple[tuple[str | int, ...], str]:
+    """Return the location and message of one pydantic error item."""
+    location = tuple(part for part in item["loc"] if part not in _UNION_TAGS)
+    error = item.get("ctx", {}).get("error")
+    if isinstance(error, SettingError):
+        location += error.location
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        message = "unknown key; remove it or check its spelling"
+    elif item["type"] == "missing":
+        message = "required key is missing; add it"
+    elif item["type"] != "value_error":
+        value = item.get("input")
+        input_repr = repr(value)
+        if len(input_repr) > _MAX_INPUT_REPR:
+            input_repr = input_repr[: _MAX_INPUT_REPR - 3] + "..."
+        message = f"{message} (got {input_repr})"
+        if item["type"] in _NUMBER_TYPES and isinstance(value, str):
+            message += "; write numbers without quotes"
+    return location, message
+
+
+def _line_of(root: yaml.Node | None, location: tuple[str | int, ...]) -> int | None:
+    """Return the 1-based line of the deepest key or item of `location` that the
+    YAML file contains, or None for an empty location."""
+    if root is None or not location:
+        return None
+    node, line = root, None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            pairs = [
+                (key, value)
+                for key, value in node.value
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part)
+            ]
+            if not pairs:
+                break
+            key, node = pairs[-1]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_validation_error(
+    source: str, error: ValidationError, root: yaml.Node | None = None
+) -> str:
     lines = [f"Study file {source} is invalid:"]
     for item in error.errors():
-        parts = [p for p in item["loc"] if p not in (ENTRY_TOY, ENTRY_TRAINING)]
-        location = ".".join(str(part) for part in parts)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling"
-        elif item["type"] not in ("value_error",):
-            message = f"{message} (got {item.get('input')!r})"
-        lines.append(f"  {location}: {message}" if location else f"  {message}")
+        location, message = _describe_error(item)
+        if not location:
+            lines.append(f"  {message}")
+            continue
+        where = ".".join(str(part) for part in location)
+        line = _line_of(root, location)
+        if line is not None:
+            where += f" (line {line})"
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key that occurs twice in one YAML mapping."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"key {key!r} on lines {first_line} and {line}")
+        self.key = key
+        self.first_line = first_line
+        self.line = line
+
+
+class StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes for study files.
+
+    A key repeated in one mapping raises DuplicateKeyError, where PyYAML keeps
+    the last value. A number with an exponent and no dot, such as 1e-3, is a
+    float as in YAML 1.2, where PyYAML (YAML 1.1) returns the string "1e-3".
+    """
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # Keys merged in with `<<: *anchor` may be overridden, as YAML allows.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first_line = first_lines.get(key)
+            except TypeError:
+                continue  # an unhashable key, which SafeLoader rejects itself
+            line = key_node.start_mark.line + 1
+            if first_line is not None:
+                raise DuplicateKeyError(key, first_line, line)
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+\Z"),
+    list("-+0123456789"),
+)
 
 
 def available_studies() -> dict[str, Path]:
     return {path.stem: path for path in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
 
 
-def load_study(name_or_path: str) -> StudySpec:
-    """Load a study by name (a file in search_spaces/) or by the path of a YAML file."""
-    path = Path(name_or_path)
+def _study_path(name_or_path: str) -> Path:
+    """Return the file of a bundled study name or of a path to a YAML file."""
     studies = available_studies()
     if name_or_path in studies:
-        path = studies[name_or_path]
-    elif not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        return studies[name_or_path]
+    path = Path(name_or_path)
+    is_yaml_name = path.suffix in (".yaml", ".yml")
+    if not is_yaml_name and "/" not in name_or_path and os.sep not in name_or_path:
         raise StudyFileError(
             f"Unknown study {name_or_path!r}; choose one of {sorted(studies)} "
             "(see `study list`) or pass the path of a study YAML file"
         )
+    if path.is_dir():
+        raise StudyFileError(
+            f"Study file {path} is a directory; pass the path of a study YAML file"
+        )
+    if not path.exists():
+        raise StudyFileError(
+            f"Study file {path} not found; check the path, or pass a study name "
+            f"from `study list`: {sorted(studies)}"
+        )
+    if not is_yaml_name:
+        raise StudyFileError(
+            f"Study file {path} does not end in .yaml or .yml; rename it so that "
+            "it is not taken for a study name"
+        )
+    return path
+
+
+def _parse_yaml(stream: BinaryIO) -> tuple[Any, yaml.Node | None]:
+    loader = StudyLoader(stream)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise StudyFileError(f"Study file {path} is not valid YAML: {error}") from error
+        root = loader.get_single_node()
+        raw = None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
+    return raw, root
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Return the data of a YAML file and its node tree, which contains the line
+    numbers for error messages."""
+    try:
+        stream = path.open("rb")
+    except OSError as error:
+        raise StudyFileError(f"Study file {path} cannot be read: {error}") from None
+    # Read as bytes, so that PyYAML decodes the file and reports invalid UTF-8
+    # as a YAMLError with the file's name and position.
+    with stream:
+        try:
+            return _parse_yaml(stream)
+        except DuplicateKeyError as error:
+            raise StudyFileError(
+                f"Study file {path} repeats the key {error.key!r} on lines "
+                f"{error.first_line} and {error.line} of one mapping, and YAML "
+                "would keep only the last value; remove or rename one of them"
+            ) from None
+        except yaml.YAMLError as error:
+            raise StudyFileError(
+                f"Study file {path} is not valid YAML: {error}"
+            ) from None
+
+
+def load_study(name_or_path: str) -> StudySpec:
+    """Load a study by name (a file in search_spaces/) or by the path of a YAML file."""
+    path = _study_path(name_or_path)
+    raw, root = _read_yaml(path)
     if not isinstance(raw, dict):
         raise StudyFileError(f"Study file {path} must contain a mapping at the top")
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as error:
-        raise StudyFileError(_format_validation_error(str(path), error)) from None
+        raise StudyFileError(_format_validation_error(str(path), error, root)) from None
+
+
+def check_local_resources(
+    scale: Scale, scale_name: str, cpu_count: int | None = None
+) -> None:
+    """Reject workloads that need more CPUs per trial than this machine has.
+
+    `study run` without --ray-address starts a local Ray with os.cpu_count()
+    CPUs, and Ray keeps a trial that needs more pending forever. `cpu_count`
+    defaults to os.cpu_count().
+    """
+    available = os.cpu_count() if cpu_count is None else cpu_count
+    if available is None:
+        return
+    for label, entry in scale.workloads.items():
+        cpus = entry.resources.cpu
+        if cpus > available:
+            raise StudyFileError(
+                f"scales.{scale_name}.workloads.{label}.resources.cpu {cpus:g} is "
+                f"more than the {available} CPUs of this machine, so the local Ray "
+                "cluster would never start its trials; lower resources.cpu to "
+                f"{available} or less, or pass --ray-address of a Ray cluster "
+                "whose nodes have more CPUs"
+            )

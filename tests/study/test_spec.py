@@ -10,7 +10,12 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.spec import StudyFileError, available_studies, load_study
+from study.spec import (
+    StudyFileError,
+    available_studies,
+    check_local_resources,
+    load_study,
+)
 
 
 def _write_study(tmp_path: Path, **changes) -> Path:
@@ -178,4 +183,275 @@ def test_cli_bad_store_option_writes_nothing(tmp_path, capsys, option, expected)
     error = capsys.readouterr().err
     assert expected in error
     assert "s3cret" not in error
+    assert not workspace.exists()
+
+
+def _write_entry(tmp_path: Path, study: str, label: str, change) -> Path:
+    """Write a copy of a bundled study after `change` edits its smoke entry `label`."""
+    spec = yaml.safe_load(available_studies()[study].read_text())
+    change(spec["scales"]["smoke"]["workloads"][label])
+    path = tmp_path / f"{study}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _load_error(path: Path | str) -> str:
+    with pytest.raises(StudyFileError) as error:
+        load_study(str(path))
+    return str(error.value)
+
+
+# Each case: the dotted changes to the smoke lm entry of batch_power_grid, the
+# location the message names and the words that name the value and the fix.
+INVALID_LM_SETTINGS = [
+    ({"grid.seed": [-1]}, "lm.grid.seed", "seed -1 is invalid; use 0 to 2**32 - 1"),
+    (
+        {"grid.seed": [8589934592]},
+        "lm.grid.seed",
+        "seed 8589934592 is invalid; use 0 to 2**32 - 1",
+    ),
+    ({"model": {"preset": "huge"}}, "lm.model.preset", "'huge' is unknown"),
+    (
+        {"model": {"family": "qwen2moe", "preset": "huge"}},
+        "lm.model.preset",
+        "'0.5b'",
+    ),
+    (
+        {"model": {"family": "qwen2moe"}},
+        "lm.model.preset",
+        "qwen2moe family needs a preset",
+    ),
+    ({"model": {"family": "gpt"}}, "lm.model.family", "'gpt'"),
+    ({"model": {"size": "tiny"}}, "lm.model.size", "unknown key"),
+    ({"data.source": "wikipedia"}, "lm.data.source", "'wikipedia' is unknown"),
+    ({"data.seq_len": 0}, "lm.data.seq_len", "(got 0)"),
+    ({"data.vocab_size": 2}, "lm.data.vocab_size", "vocab_size 2 is too small"),
+    ({"data.tokenizer": "pretrained"}, "lm.data.tokenizer_path", "tokenizer_path"),
+    ({"data.source": "files"}, "lm.data.paths", "add the text files"),
+    ({"data.val_tokens": 16}, "lm.data.val_tokens", "val_tokens 16 is shorter"),
+    ({"data.max_documents": 0}, "lm.data.max_documents", "(got 0)"),
+    ({"data.seqlen": 32}, "lm.data.seqlen", "unknown key"),
+    (
+        {"grid.power": [1.0, 1.0, 1.2]},
+        "lm.grid.power",
+        "power [1.0, 1.0, 1.2] lists 1.0 twice",
+    ),
+    ({"grid.power": [1, 1.0, 1.2]}, "lm.grid.power", "lists 1.0 twice"),
+    ({"grid.batch_size": [8, 8]}, "lm.grid.batch_size", "lists 8 twice"),
+    ({"grid.lr_max": [0.01, 0.01]}, "lm.grid.lr_max", "lists 0.01 twice"),
+    ({"grid.lr_max": {4: [0.01, 0.01], 8: [0.01]}}, "lm.grid.lr_max", "lists 0.01"),
+    ({"grid.lr_max": {4: [0.01], 8: [0.01], 16: [0.01]}}, "lm.grid.lr_max", "[16]"),
+    ({"grid.seed": [0, 1, 0]}, "lm.grid.seed", "lists 0 twice"),
+    ({"grid.power": ["1.2", 1.0]}, "lm.grid.power.0", "(got '1.2')"),
+    ({"grid.lr_max": ["0.01"]}, "lm.grid.lr_max.0", "(got '0.01')"),
+    ({"grid.seed": ["0"]}, "lm.grid.seed.0", "(got '0')"),
+    ({"budget.steps": "16"}, "lm.budget.steps", "(got '16')"),
+    ({"target.value": float("nan")}, "lm.target.value", "nan"),
+    ({"train.device": "gpu"}, "lm.train.device", "device 'gpu' is unknown"),
+]
+
+
+@pytest.mark.parametrize(("change", "location", "expected"), INVALID_LM_SETTINGS)
+def test_spec_rejects_invalid_lm_setting(tmp_path, change, location, expected):
+    message = _load_error(_write_study(tmp_path, **change))
+    assert f"scales.smoke.workloads.{location}" in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("change", "location", "expected"),
+    [
+        ({"preset": "resnet50"}, "vision.model.preset", "'resnet50' is unknown"),
+        ({"dataset": "mnist"}, "vision.data.dataset", "'mnist' is unknown"),
+        ({"train_examples": 0}, "vision.data.train_examples", "(got 0)"),
+    ],
+)
+def test_spec_rejects_invalid_vision_setting(tmp_path, change, location, expected):
+    def edit(entry):
+        key = "model" if "preset" in change else "data"
+        entry[key].update(change)
+
+    message = _load_error(_write_entry(tmp_path, "batch_power_grid", "vision", edit))
+    assert f"scales.smoke.workloads.{location}" in message
+    assert expected in message
+
+
+def test_spec_lists_preset_choices(tmp_path):
+    message = _load_error(_write_study(tmp_path, model={"preset": "huge"}))
+    assert "'tiny'" in message
+    assert "'0.2b'" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"noise_ratio": [0.5, 0.5]}, "noise_ratio [0.5, 0.5] lists 0.5 twice"),
+        ({"power": [1.0, 1, 1.2]}, "lists 1.0 twice"),
+        ({"seed": [-1]}, "seed -1 is invalid"),
+        ({"power": ["1.2"]}, "(got '1.2')"),
+    ],
+)
+def test_toy_spec_rejects_invalid_grid(tmp_path, change, expected):
+    path = _write_entry(
+        tmp_path, "toy_noise_regimes", "toy", lambda entry: entry["grid"].update(change)
+    )
+    message = _load_error(path)
+    assert "scales.smoke.workloads.toy.grid" in message
+    assert expected in message
+
+
+MINIMAL_STUDY = """\
+name: custom
+scales:
+  smoke:
+    workloads:
+      lm:
+        model: {preset: tiny}
+        grid:
+          batch_size: [8]
+          power: [1.0, 1.2]
+          lr_max: [1e-3]
+        target: {metric: val/loss, value: 5.0}
+        budget: {steps: 10}
+"""
+
+
+def _write_text(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "custom.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_reads_exponent_without_dot_as_number(tmp_path):
+    spec = load_study(str(_write_text(tmp_path, MINIMAL_STUDY)))
+    assert spec.scales["smoke"].workloads["lm"].grid.lr_max == [0.001]
+
+
+def test_spec_rejects_duplicate_yaml_key(tmp_path):
+    text = MINIMAL_STUDY.replace(
+        "power: [1.0, 1.2]\n", "power: [1.0, 1.2]\n          power: [1.0]\n"
+    )
+    path = _write_text(tmp_path, text)
+    message = _load_error(path)
+    assert str(path) in message
+    assert "'power'" in message
+    assert "lines 9 and 10" in message
+
+
+def test_spec_rejects_duplicate_workload_key(tmp_path):
+    lm_entry = MINIMAL_STUDY.split("    workloads:\n")[1]
+    path = _write_text(tmp_path, MINIMAL_STUDY + lm_entry)
+    message = _load_error(path)
+    assert "'lm'" in message
+    assert "lines 5 and 13" in message
+
+
+def test_spec_yaml_syntax_error_names_file(tmp_path):
+    path = _write_text(tmp_path, MINIMAL_STUDY + "      vision: [\n")
+    message = _load_error(path)
+    assert f'"{path}"' in message
+    assert "<unicode string>" not in message
+
+
+def test_spec_invalid_utf8_names_file(tmp_path):
+    path = tmp_path / "custom.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    message = _load_error(path)
+    assert f"Study file {path} is not valid YAML" in message
+    assert "position 6" in message
+
+
+def test_spec_missing_field_message_is_short(tmp_path):
+    path = _write_text(
+        tmp_path, MINIMAL_STUDY.replace("        budget: {steps: 10}\n", "")
+    )
+    message = _load_error(path)
+    assert "scales.smoke.workloads.lm.budget (line 5)" in message
+    assert "required key is missing" in message
+    assert "batch_size" not in message
+    assert len(message.splitlines()) == 2
+
+
+def test_spec_quoted_number_names_fix(tmp_path):
+    message = _load_error(_write_study(tmp_path, **{"grid.power": [1.0, "1.2"]}))
+    assert "grid.power.1" in message
+    assert "write numbers without quotes" in message
+
+
+def test_cli_list_skips_torch():
+    """`study list` validates every study without importing the trainers."""
+    code = (
+        "import sys; from study.cli import main; main(['list']); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.splitlines()[-1] == "[]"
+
+
+def test_spec_error_names_line(tmp_path):
+    path = _write_text(
+        tmp_path, MINIMAL_STUDY.replace("batch_size: [8]", "batch_size: [0]")
+    )
+    message = _load_error(path)
+    assert "scales.smoke.workloads.lm.grid.batch_size (line 8)" in message
+
+
+@pytest.mark.parametrize("entry", ["5", "null"])
+def test_spec_rejects_non_mapping_entry(tmp_path, entry):
+    text = MINIMAL_STUDY.split("      lm:\n")[0] + f"      lm: {entry}\n"
+    message = _load_error(_write_text(tmp_path, text))
+    assert "scales.smoke.workloads.lm" in message
+
+
+@pytest.mark.parametrize(
+    ("argument", "expected"),
+    [
+        ("missing/study.yaml", "not found"),
+        ("missing.yaml", "not found"),
+        ("DIR", "is a directory"),
+    ],
+)
+def test_spec_missing_path_is_not_found(tmp_path, argument, expected):
+    directory = tmp_path / "dir.yaml"
+    directory.mkdir()
+    argument = str(directory) if argument == "DIR" else str(tmp_path / argument)
+    message = _load_error(argument)
+    assert argument in message
+    assert expected in message
+    assert "Unknown study" not in message
+
+
+def test_spec_rejects_more_cpus_than_local_machine():
+    scale = load_study("batch_power_grid").scale("paper")
+    with pytest.raises(StudyFileError) as error:
+        check_local_resources(scale, "paper", cpu_count=2)
+    message = str(error.value)
+    assert "scales.paper.workloads.lm.resources.cpu 8" in message
+    assert "--ray-address" in message
+
+
+def test_spec_accepts_cpus_the_machine_has():
+    scale = load_study("batch_power_grid").scale("smoke")
+    check_local_resources(scale, "smoke", cpu_count=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"grid.seed": [-1]}, "seed -1 is invalid"),
+        ({"model": {"preset": "huge"}}, "'huge' is unknown"),
+        ({"data.source": "wikipedia"}, "'wikipedia' is unknown"),
+        ({"grid.power": [1.0, 1.0, 1.2]}, "lists 1.0 twice"),
+    ],
+)
+def test_cli_invalid_setting_writes_nothing(tmp_path, capsys, change, expected):
+    workspace = tmp_path / "ws"
+    path = _write_study(tmp_path, **change)
+    code = main(["run", str(path), "--scale", "smoke", "--workspace", str(workspace)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert expected in error
+    assert error.count("error:") == 1
     assert not workspace.exists()

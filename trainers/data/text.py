@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from trainers.data.errors import DataUnavailableError
+from trainers.tables import SourceKind
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["bible", "files", "c4_local", "c4_hub", "openwebtext_hub"]
 Split = Literal["train", "validation"]
 
 # Document i goes to validation when i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1. With

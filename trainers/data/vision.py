@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +25,7 @@ from torchvision.datasets import CIFAR10, FashionMNIST
 from torchvision.datasets.vision import VisionDataset
 
 from trainers.data.errors import DataUnavailableError
-
-ImageDatasetName = Literal["fashion_mnist", "cifar10"]
+from trainers.tables import ImageDatasetName
 
 # Installed by Debian's dataset-fashion-mnist package.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

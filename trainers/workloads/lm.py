@@ -42,61 +42,23 @@ from trainers.data.text import (
     TokenShards,
     prepare_token_shards,
 )
+from trainers.tables import (
+    LLAMA_PRESETS,
+    LM_DEFAULT_DATA,
+    MODEL_FAMILIES,
+    QWEN2MOE_PRESETS,
+)
 from trainers.workloads.base import Workload, count_parameters
 
 logger = logging.getLogger(__name__)
 
-# LLaMA decoder shapes by preset name. `tiny` keeps tests fast on CPU and `cpu`
-# is the embedded default study. `cpu-s`, `cpu` and `cpu-l` span a 7x range of
-# sizes (0.16M, 0.36M and 1.1M parameters at a vocabulary of 2048) for
-# loss-versus-parameters fits that run on a CPU. The others are the GradPower paper's dense
-# models. Its Table 3 gives their total sizes, so the shapes here take
-# ffn = 4 * hidden and a head size of 64 (as in 0.2b, 768/3072/12 heads) and the
-# depth that brings the count closest. At the T5 vocabulary of 32100 with an
-# untied output layer they have 66.4M, 200.3M, 401.3M, 1004.7M and 2010.6M
-# parameters, against the table's 66M, 200M, 400M, 1004M and 1994M.
-LLAMA_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
-    "cpu-s": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 86},
-    "cpu": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 172},
-    "cpu-l": {"hidden": 128, "layers": 3, "heads": 4, "ffn": 344},
-    "66m": {"hidden": 512, "layers": 8, "heads": 8, "ffn": 2048},
-    "0.2b": {"hidden": 768, "layers": 16, "heads": 12, "ffn": 3072},
-    "0.4b": {"hidden": 1024, "layers": 20, "heads": 16, "ffn": 4096},
-    "1b": {"hidden": 1536, "layers": 24, "heads": 24, "ffn": 6144},
-    "2b": {"hidden": 2048, "layers": 28, "heads": 32, "ffn": 8192},
-}
-
-# Qwen2MoE shapes from the GradPower paper's Table 4 (d_model, d_FF, heads,
-# depth, experts), with 4 experts active per token and sliding-window attention
-# off. Each routed expert is a SwiGLU of width ffn / 4 and the always-on shared
-# expert one of width ffn. This split reproduces the table's counts at the T5
-# vocabulary of 32100: 502.5M total and 247.7M active (table: 502M, 247M),
-# 1040.6M and 297.5M (1040M, 297M), 1945.4M and 536.1M (1945M, 536M).
-QWEN2MOE_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "experts": 8},
-    "0.5b": {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "experts": 16},
-    "1b": {"hidden": 768, "layers": 15, "heads": 12, "ffn": 3072, "experts": 32},
-    "2b": {"hidden": 1024, "layers": 16, "heads": 16, "ffn": 4096, "experts": 32},
-}
 QWEN2MOE_ACTIVE_EXPERTS = 4
 # The load-balancing loss is added to the training loss with this weight
 # (transformers' default router_aux_loss_coef). Validation loss leaves it out.
 QWEN2MOE_ROUTER_AUX_LOSS_COEF = 0.001
 
-MODEL_FAMILIES = ("llama", "qwen2moe")
 _MODEL_KEYS = frozenset({"family", "preset"})
-
-DEFAULT_DATA: dict[str, Any] = {
-    "source": "bible",
-    "paths": [],
-    "tokenizer": "bpe",
-    "vocab_size": 4096,
-    "tokenizer_path": None,
-    "seq_len": 64,
-    "val_tokens": 65536,
-    "max_documents": None,
-}
+DEFAULT_DATA = LM_DEFAULT_DATA
 
 
 def build_llama(preset: str, vocab_size: int, seq_len: int) -> LlamaForCausalLM:

@@ -18,24 +18,10 @@ from trainers.data.vision import (
     load_image_dataset,
     prepare_fashion_mnist,
 )
+from trainers.tables import SMALL_RESNETS, VISION_DEFAULT_DATA
 from trainers.workloads.base import Workload
 
-# Small ResNets built from torchvision's BasicBlock: (blocks per stage, widths).
-# They keep the residual design of ResNet-34 at a size that trains on two CPU cores.
-SMALL_RESNETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "tiny": ((1, 1), (8, 16)),
-    "cpu": ((1, 1, 1), (16, 32, 64)),
-}
-
-DEFAULT_DATA: dict[str, Any] = {
-    "dataset": "fashion_mnist",
-    "root": None,
-    "source_dir": None,
-    "download": False,
-    "train_examples": None,
-    "eval_examples": None,
-    "augment": False,
-}
+DEFAULT_DATA = VISION_DEFAULT_DATA
 
 NUM_CLASSES = 10
 
