@@ -5,18 +5,48 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
+from study.spec import StudyFileError
 from study.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SEC = 90
 STOP_TIMEOUT_SEC = 15
+
+
+class UiStartError(RuntimeError):
+    """`mlflow ui` exited or did not respond while starting."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise StudyFileError when `host` cannot be resolved or `port` on it cannot
+    be bound, for example because another server listens there."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror as error:
+        raise StudyFileError(
+            f"--host {host} cannot be resolved ({error.strerror}); pass an address "
+            "such as 127.0.0.1"
+        ) from None
+    with socket.socket(family, kind, protocol) as probe:
+        # As uvicorn does, so a port with connections in TIME_WAIT counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise StudyFileError(
+                f"Port {port} on {host} is not available ({error.strerror}); "
+                "pass another one with --port"
+            ) from None
 
 
 def start_ui(workspace: Workspace, host: str, port: int) -> subprocess.Popen:
@@ -60,16 +90,17 @@ def _wait_until_serving(process: subprocess.Popen, url: str, port: int) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SEC
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"mlflow ui exited with code {process.returncode}; is port {port} "
-                "already in use? Pass another one with --port"
+            raise UiStartError(
+                f"mlflow ui exited with code {process.returncode} while starting; "
+                f"its output above says why (a port {port} that another server "
+                "took since the check is one cause; pass another one with --port)"
             )
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
-    raise RuntimeError(
+    raise UiStartError(
         f"mlflow ui did not answer on {url} within {STARTUP_TIMEOUT_SEC} s"
     )
 

@@ -29,6 +29,7 @@ import optuna
 import pandas as pd
 from scipy import optimize, stats
 
+from study.invocation import command_name
 from study.spec import StudyFileError
 
 logger = logging.getLogger(__name__)
@@ -296,25 +297,7 @@ def load_runs(
     from MLflow. Without it, or when MLflow has no record of the run, the
     analysis that needs curves is skipped.
     """
-    summaries = optuna.get_all_study_summaries(
-        storage=storage, include_best_trial=False
-    )
-    matching = [
-        s
-        for s in summaries
-        if s.user_attrs.get("study") == study and s.user_attrs.get("scale") == scale
-    ]
-    if not matching:
-        raise StudyFileError(
-            f"No recorded run of study {study!r} at scale {scale!r} in {storage}; "
-            "run `study run` first or pass the right --workspace and --scale"
-        )
-    run_ids = sorted({s.user_attrs["run_id"] for s in matching})
-    chosen = run_id or run_ids[-1]
-    if chosen not in run_ids:
-        raise StudyFileError(
-            f"Run {chosen!r} of study {study!r} is not recorded; recorded runs: {run_ids}"
-        )
+    chosen, matching = _recorded_studies(storage, study, scale, run_id)
     client = None
     if tracking_uri:
         from mlflow.tracking import MlflowClient
@@ -324,8 +307,6 @@ def load_runs(
     runs = []
     for summary in matching:
         attrs = summary.user_attrs
-        if attrs["run_id"] != chosen:
-            continue
         optuna_study = optuna.load_study(study_name=summary.study_name, storage=storage)
         run = RecordedRun(
             study=study,
@@ -347,6 +328,50 @@ def load_runs(
             _attach_mlflow_records(client, run)
         runs.append(run)
     return sorted(runs, key=lambda r: r.label)
+
+
+def _recorded_studies(
+    storage: str, study: str, scale: str, run_id: str | None
+) -> tuple[str, list[optuna.study.StudySummary]]:
+    """Return the run id (the latest recorded one unless `run_id` is set) and
+    the summaries of its Optuna studies, one per workload."""
+    summaries = optuna.get_all_study_summaries(
+        storage=storage, include_best_trial=False
+    )
+    matching = [
+        s
+        for s in summaries
+        if s.user_attrs.get("study") == study and s.user_attrs.get("scale") == scale
+    ]
+    if not matching:
+        raise StudyFileError(
+            f"No recorded run of study {study!r} at scale {scale!r} in {storage}; "
+            f"run `{command_name()} run` first or pass the right --workspace and "
+            "--scale"
+        )
+    run_ids = sorted({s.user_attrs["run_id"] for s in matching})
+    chosen = run_id or run_ids[-1]
+    if chosen not in run_ids:
+        raise StudyFileError(
+            f"Run {chosen!r} of study {study!r} is not recorded; recorded runs: {run_ids}"
+        )
+    return chosen, [s for s in matching if s.user_attrs["run_id"] == chosen]
+
+
+def finished_trial_count(
+    storage: str, study: str, scale: str, run_id: str | None = None
+) -> tuple[str, int]:
+    """Return the run id (the latest unless `run_id` is set) and how many of its
+    grid points have a finished trial recorded in Optuna."""
+    chosen, matching = _recorded_studies(storage, study, scale, run_id)
+    keys = set()
+    for summary in matching:
+        recorded = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in recorded.get_trials(deepcopy=False):
+            keys.add(
+                (summary.study_name, trial.user_attrs.get("trial_key", trial.number))
+            )
+    return chosen, len(keys)
 
 
 def _attach_mlflow_records(client, run: RecordedRun) -> None:
@@ -845,11 +870,43 @@ def _count_notes(run: RecordedRun, trials: pd.DataFrame) -> list[str]:
     return notes
 
 
+TIE_BREAK_RULE = (
+    "ties go to the lower median val/loss at the trials' last evaluation, then "
+    "to the power nearest 1"
+)
+
+
+def _tie_notes(cells: pd.DataFrame, best: pd.DataFrame, unit: str) -> list[str]:
+    """Name the batch sizes whose best power shares its time with other powers,
+    and the rule that chose among them (`grid_optimum`)."""
+    notes = []
+    for row in best.dropna(subset=["best_power"]).itertuples():
+        tied = cells[
+            (cells.batch_size == row.batch_size)
+            & (cells.state == "reached")
+            & (cells.time == row.time)
+        ]
+        if len(tied) < 2:
+            continue
+        powers = ", ".join(f"p={power:g}" for power in sorted(tied.power))
+        notes.append(
+            f"batch size {row.batch_size}: {powers} tie at {row.time:g} {unit} "
+            f"to the target; {TIE_BREAK_RULE}, which chose p={row.best_power:g}"
+        )
+    return notes
+
+
 def analyze_run(
     run: RecordedRun, options: AnalysisOptions | None = None
 ) -> PowerAnalysis:
     """Find the best power per batch size and fit its trend against batch size."""
     options = options or AnalysisOptions()
+    if run.trials.empty:
+        raise StudyFileError(
+            f"Workload {run.label} of run {run.run_id} of {run.study} ({run.scale}) "
+            "has no finished trials yet, so it cannot be analyzed; continue the "
+            f"run with `{command_name()} resume` first"
+        )
     trials = _trial_times(run.trials, options.metric)
     notes = _count_notes(run, trials)
     rng = np.random.default_rng(options.bootstrap_seed)
@@ -873,6 +930,8 @@ def analyze_run(
                 f"batch size {row.batch_size}: the minimum is at the grid edge "
                 f"p={row.best_power:g}, not bracketed; the best p may lie beyond"
             )
+    unit = run.progress_unit if options.metric == "progress" else options.metric
+    notes.extend(_tie_notes(cells_frame, best, unit))
     two_seeds = best[(best.resamples > 0) & (best.seeds == 2)].batch_size.tolist()
     if two_seeds:
         notes.append(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shlex
 import signal
 import sys
 import time
@@ -13,12 +15,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from study.spec import SCALES, StudyFileError, available_studies, load_study
-from study.workspace import DEFAULT_DATA_CACHE, Workspace, check_stores
+from study.invocation import command_name
+from study.spec import (
+    MAX_SEED,
+    SCALES,
+    StudyFileError,
+    available_studies,
+    check_local_resources,
+    load_study,
+)
+from study.workspace import (
+    DEFAULT_DATA_CACHE,
+    Workspace,
+    check_data_cache_writable,
+    check_stores,
+)
 from trainers.data.errors import DataUnavailableError
 
 logger = logging.getLogger("study")
 
+# The run ended, but at least one trial ended `failed`.
+EXIT_TRIALS_FAILED = 1
 EXIT_BAD_INPUT = 2
 # 128 + the signal number, as shells report a process that a signal ended.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -296,7 +313,13 @@ def _load_analyses(workspace: Workspace, study: str, scale: str, run_id, options
         run_id,
         tracking_uri=_recorded_tracking_uri(workspace),
     )
-    return [analyze_run(run, options) for run in runs]
+    analyses = []
+    for run in runs:
+        if run.trials.empty:
+            print(f"note: workload {run.label} has no finished trials yet; left out")
+            continue
+        analyses.append(analyze_run(run, options))
+    return analyses
 
 
 def _log_files(client, analysis, parent_run_id, paths, folder: str) -> None:
@@ -359,13 +382,14 @@ def _analyze_and_export(
             _write_report(analyses, workspace, client, parent_run_id)
         except Exception as error:  # noqa: BLE001 - the trials are recorded already
             logger.warning(
-                "writing the report failed (%s: %s); retry with `study report %s "
+                "writing the report failed (%s: %s); retry with `%s report %s "
                 "--scale %s --workspace %s`",
                 type(error).__name__,
                 error,
+                command_name(),
                 study,
                 scale,
-                workspace.root,
+                shlex.quote(str(workspace.root)),
             )
     return analyses
 
@@ -411,8 +435,9 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
         ).require_recorded()
     except StudyFileError as error:
         raise StudyFileError(
-            f"--lr-from {tuning.name}: {error}. Run `study run {tuning.name} "
-            f"--scale {args.scale} --workspace {args.workspace}` first"
+            f"--lr-from {tuning.name}: {error}. Run `{command_name()} run "
+            f"{tuning.name} --scale {args.scale} --workspace "
+            f"{shlex.quote(args.workspace)}` first"
         ) from None
 
 
@@ -452,7 +477,11 @@ def _run_or_resume(
             f"--max-concurrent {max_concurrent} is invalid; use 1 or more"
         )
     _check_lr_from(args, spec)
+    if not args.ray_address and not spec.is_toy():
+        check_local_resources(spec.scale(args.scale), args.scale)
     check_stores(args.tracking_uri, args.optuna_storage, args.ray_address)
+    if not spec.is_toy():
+        check_data_cache_writable(args.data_cache)
     workspace = Workspace.open(
         args.workspace,
         args.tracking_uri,
@@ -462,9 +491,10 @@ def _run_or_resume(
     )
     if resume:
         workspace.require_recorded()
+        workspace.require_writable(f"{command_name()} resume")
 
     from study.lr_transfer import apply_transfer
-    from study.runner import find_unfinished_run, run_study
+    from study.runner import find_unfinished_run, is_restorable, run_study
 
     client = workspace.open_stores()
     run_id = getattr(args, "run_id", None)
@@ -473,11 +503,20 @@ def _run_or_resume(
         if run_id is None:
             raise StudyFileError(
                 f"Workspace {workspace.root} contains no unfinished run of "
-                f"{spec.name} ({args.scale}); start one with `study run`"
+                f"{spec.name} ({args.scale}); start one with `{command_name()} run`"
             )
     elif not resume and not args.fresh:
         run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
-        if run_id is not None:
+        if run_id is not None and not is_restorable(
+            workspace, spec.name, args.scale, run_id
+        ):
+            print(
+                f"unfinished run {run_id} of {spec.name} ({args.scale}) stopped "
+                "before Ray Tune saved its experiment, so it cannot be continued; "
+                "starting a new run"
+            )
+            run_id = None
+        elif run_id is not None:
             print(
                 f"continuing unfinished run {run_id} of {spec.name} ({args.scale}); "
                 "pass --fresh to start a new run instead"
@@ -507,8 +546,7 @@ def _run_or_resume(
             f"\nstudy {spec.name} ({args.scale}) stopped{cause} after "
             f"{result.wall_seconds:.0f} s with {len(result.unfinished)} of "
             f"{len(result.plans)} trials unfinished ({summary or 'none finished'}); "
-            f"continue with: study resume {args.name} --scale {args.scale} "
-            f"--workspace {workspace.root}",
+            f"continue with: {_resume_command(args, workspace)}",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
@@ -534,10 +572,74 @@ def _run_or_resume(
             client,
             result.parent_run_id,
         )
-    print(
-        f"\nCompare the trials in the MLflow UI: study ui --workspace {workspace.root}"
+    print(f"\nCompare the trials in the MLflow UI: {_ui_command(args, workspace)}")
+    failed = sorted(
+        key for key, state in result.end_states.items() if state == "failed"
     )
+    if failed:
+        _print_failed_trials(args, spec, workspace, failed, len(result.plans))
+        return EXIT_TRIALS_FAILED
     return 0
+
+
+def _hide_password(uri: str) -> str:
+    """Replace the password of a URI such as scheme://user:password@host with ***."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", uri)
+
+
+def _store_words(args: argparse.Namespace, workspace: Workspace) -> list[str]:
+    """Return the options that name this command's workspace and stores, for a
+    hint that reads the same run."""
+    words = ["--workspace", str(workspace.root)]
+    for option, value in (
+        ("--tracking-uri", args.tracking_uri),
+        ("--optuna-storage", args.optuna_storage),
+    ):
+        if value:
+            words += [option, _hide_password(value)]
+    return words
+
+
+def _resume_command(
+    args: argparse.Namespace, workspace: Workspace, run_id: str | None = None
+) -> str:
+    """Return the `study resume` command line that continues this run."""
+    words = ["resume", args.name, "--scale", args.scale]
+    words += _store_words(args, workspace)
+    if run_id is not None:
+        words += ["--run-id", run_id]
+    ray_address = getattr(args, "ray_address", None)
+    if ray_address:
+        words += ["--ray-address", ray_address]
+    data_cache = getattr(args, "data_cache", None)
+    if data_cache and Path(data_cache).expanduser() != DEFAULT_DATA_CACHE.expanduser():
+        words += ["--data-cache", data_cache]
+    return f"{command_name()} {shlex.join(words)}"
+
+
+def _ui_command(args: argparse.Namespace, workspace: Workspace) -> str:
+    words = ["ui", "--workspace", str(workspace.root)]
+    if args.tracking_uri:
+        words += ["--tracking-uri", _hide_password(args.tracking_uri)]
+    return f"{command_name()} {shlex.join(words)}"
+
+
+def _print_failed_trials(
+    args: argparse.Namespace, spec, workspace: Workspace, failed: list[str], total: int
+) -> None:
+    named = ", ".join(failed[:5])
+    if len(failed) > 5:
+        named += f" and {len(failed) - 5} more"
+    print(
+        f"\nerror: {len(failed)} of {total} trials of {spec.name} ({args.scale}) "
+        f"failed: {named}. Their tracebacks are printed above and stored in the "
+        "`error` tag of each trial's MLflow run and the `error` attribute of its "
+        f"Optuna trial; in `{_ui_command(args, workspace)}` filter the runs with "
+        "tags.end_state = 'failed'. After fixing the cause, run the study again "
+        f"with `{command_name()} run {shlex.quote(args.name)} --scale {args.scale} "
+        f"--workspace {shlex.quote(str(workspace.root))} --fresh`",
+        file=sys.stderr,
+    )
 
 
 @dataclass(frozen=True)
@@ -697,7 +799,7 @@ def _check_train_overrides(args: argparse.Namespace) -> None:
         raise StudyFileError(
             f"--lr-max {args.lr_max} is invalid; use a finite number > 0"
         )
-    if args.seed is not None and not 0 <= args.seed < 2**32:
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise StudyFileError(f"--seed {args.seed} is invalid; use 0 to 2**32 - 1")
 
 
@@ -712,7 +814,8 @@ def command_train(args: argparse.Namespace) -> int:
     if spec.is_toy():
         raise StudyFileError(
             f"`study train` trains one grid point of a training study; {spec.name} "
-            f"simulates the toy model, so run it with `study run {spec.name}`"
+            f"simulates the toy model, so run it with `{command_name()} run "
+            f"{spec.name}`"
         )
     label = args.workload or next(iter(scale.workloads))
     if label not in scale.workloads:
@@ -721,6 +824,7 @@ def command_train(args: argparse.Namespace) -> int:
             f"{sorted(scale.workloads)}"
         )
     _check_train_overrides(args)
+    check_data_cache_writable(args.data_cache)
     workspace = Workspace.open(Path.cwd(), data_cache=args.data_cache, create=False)
     prepared = prepare_data(spec, args.scale, workspace, labels=[label])
     plan = expand(scale, prepared)[0]
@@ -744,22 +848,79 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_recorded_workspace(args: argparse.Namespace) -> Workspace:
+def _open_recorded_workspace(
+    args: argparse.Namespace, spec, writes: str | None = None
+) -> Workspace:
+    """Open the workspace of a recorded run and check the run's progress.
+
+    `writes` names the command when it writes into the workspace, which must
+    then be writable.
+    """
     workspace = Workspace.open(
         args.workspace, args.tracking_uri, args.optuna_storage, create=False
     )
     workspace.require_recorded()
+    if writes is not None:
+        workspace.require_writable(writes)
+    _check_run_progress(args, spec, workspace)
     return workspace
+
+
+def _planned_trials(workspace: Workspace, spec, scale: str, run_id: str) -> int:
+    """Return the number of grid points of a run: the `trials` parameter of its
+    MLflow parent run, or the study file's grid where that is not recorded."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from study.recording import find_parent_run
+
+    uri = _recorded_tracking_uri(workspace)
+    if uri is not None:
+        try:
+            parent = find_parent_run(
+                MlflowClient(tracking_uri=uri), spec.name, scale, run_id
+            )
+        except MlflowException as error:
+            logger.debug("no MLflow parent run of %s: %s", run_id, error)
+            parent = None
+        if parent is not None and "trials" in parent.data.params:
+            return int(parent.data.params["trials"])
+    return sum(entry.grid.size() for entry in spec.scale(scale).workloads.values())
+
+
+def _check_run_progress(args: argparse.Namespace, spec, workspace: Workspace) -> None:
+    """Fail when the run has no finished trial yet, and note how many grid
+    points an unfinished run still lacks."""
+    from study.analysis import finished_trial_count
+
+    run_id, finished = finished_trial_count(
+        workspace.optuna_storage, spec.name, args.scale, args.run_id
+    )
+    resume = _resume_command(args, workspace, run_id)
+    if finished == 0:
+        raise StudyFileError(
+            f"Run {run_id} of {spec.name} ({args.scale}) has no finished trials "
+            f"yet, so there is nothing to analyze; continue it with `{resume}`"
+        )
+    planned = _planned_trials(workspace, spec, args.scale, run_id)
+    if finished < planned:
+        print(
+            f"note: run {run_id} of {spec.name} ({args.scale}) is unfinished: "
+            f"{planned - finished} of {planned} grid points have no finished trial "
+            f"yet, so the results below are partial; continue it with `{resume}`"
+        )
 
 
 def command_analyze(args: argparse.Namespace) -> int:
     from study.export import summary_text
 
     spec = load_study(args.name)
-    workspace = _open_recorded_workspace(args)
     if _analysis_kind(spec) != "power_trend":
+        # These analyses also write their tables under exports/.
+        workspace = _open_recorded_workspace(args, spec, f"{command_name()} analyze")
         _analyze_final_states(workspace, spec, args.scale, args.run_id)
         return 0
+    workspace = _open_recorded_workspace(args, spec)
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
@@ -786,7 +947,7 @@ def command_export(args: argparse.Namespace) -> int:
     from study.export import DEFAULT_FORMATS, build_table, export_tables, to_markdown
 
     spec = load_study(args.name)
-    workspace = _open_recorded_workspace(args)
+    workspace = _open_recorded_workspace(args, spec, f"{command_name()} export-table")
     if _analysis_kind(spec) != "power_trend":
         return _export_final_states(args, spec, workspace, report=False)
     analyses = _load_analyses(
@@ -857,7 +1018,7 @@ def _export_final_states(
 
 def command_report(args: argparse.Namespace) -> int:
     spec = load_study(args.name)
-    workspace = _open_recorded_workspace(args)
+    workspace = _open_recorded_workspace(args, spec, f"{command_name()} report")
     if _analysis_kind(spec) != "power_trend":
         return _export_final_states(args, spec, workspace, report=True)
     analyses = _load_analyses(
@@ -868,12 +1029,22 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_ui(args: argparse.Namespace) -> int:
-    from dashboards.mlflow_ui import serve_ui
+    from dashboards.mlflow_ui import UiStartError, check_port_free, serve_ui
 
+    if not 1 <= args.port <= 65535:
+        raise StudyFileError(
+            f"--port {args.port} is invalid; use a TCP port from 1 to 65535, "
+            "for example 5000"
+        )
     workspace = Workspace.open(args.workspace, args.tracking_uri, create=False)
+    check_port_free(args.host, args.port)
     if _recorded_tracking_uri(workspace) is not None:
         workspace.relocate_artifacts()
-    return serve_ui(workspace, args.host, args.port)
+    try:
+        return serve_ui(workspace, args.host, args.port)
+    except UiStartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 COMMANDS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.analysis import EXCLUDED_STATES, PowerAnalysis
+from study.analysis import EXCLUDED_STATES, TIE_BREAK_RULE, PowerAnalysis
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +207,14 @@ def build_table(
             int(row.batch_size): None if math.isnan(row.best_power) else row.best_power
             for row in analysis.best.itertuples()
         }
+        unit = {"steps": "optimizer steps", "seconds": "training seconds"}.get(
+            metric, analysis.run.progress_unit
+        )
         footnotes.append(
-            f"Cells are the median over seeds of the best lr_max. '>x': censored, "
-            f"the budget of {analysis.run.budget_steps} steps ran out first and x is "
-            "a lower bound. Bold: the best power of the row."
+            f"Cells are the {unit} to the target: the median over seeds, at the "
+            f"lr_max with the lowest median. '>x': censored, the budget of "
+            f"{analysis.run.budget_steps} steps ran out first and x is a lower "
+            f"bound. Bold: the best power of the row; {TIE_BREAK_RULE}."
         )
     elif metric == "at_best_step":
         if analysis.at_best_step is None:
@@ -491,11 +495,14 @@ def summary_text(analysis: PowerAnalysis) -> str:
         f"{relation} {run.target_value:g}, budget {run.budget_steps} steps, "
         f"run {run.run_id}"
     )
+    table = build_table(analysis, power_table_metric(analysis))
     parts = [
         heading,
         count_line(analysis),
         "",
-        to_markdown(build_table(analysis, power_table_metric(analysis))),
+        to_markdown(table),
+        *table.footnotes,
+        "",
     ]
     bootstrapped = analysis.best.resamples.max() if len(analysis.best) else 0
     best_heading = "best power per batch size"

@@ -423,6 +423,12 @@ class StudyRecorder:
             retry_when_locked(self.client.set_tag)(
                 record.mlflow_run_id, "end_state", state
             )
+            if error:
+                # The UI shows tags, so a failed trial's traceback is readable
+                # there as well as in the Optuna trial.
+                retry_when_locked(self.client.set_tag)(
+                    record.mlflow_run_id, "error", summary["error"]
+                )
             status = RunStatus.FAILED if state == "failed" else RunStatus.FINISHED
             retry_when_locked(self.client.set_terminated)(
                 record.mlflow_run_id, RunStatus.to_string(status)

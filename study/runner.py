@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from study.grid import TrialPlan, expand
+from study.invocation import command_name
 from study.metadata import run_metadata
 from study.recording import (
     RunInfo,
@@ -368,6 +369,29 @@ def _keep_local_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _join_or_start_ray(address: str | None) -> bool:
+    """Run `_start_ray`, and turn a cluster that cannot be joined into a
+    StudyFileError that names the address."""
+    try:
+        return _start_ray(address)
+    except ConnectionError as error:
+        if not address:
+            raise
+        raise StudyFileError(
+            f"Cannot join the Ray cluster at --ray-address {address} ({error}); "
+            "check that its head node runs, or leave the option out to run locally"
+        ) from None
+
+
+def is_restorable(workspace: Workspace, study: str, scale: str, run_id: str) -> bool:
+    """Return whether run `run_id` has a Ray Tune experiment that Tune can restore.
+
+    A run has none when it stopped before Tune saved its experiment state.
+    """
+    experiment = workspace.ray_results / RunInfo(study, scale, run_id).experiment_name
+    return tune.Tuner.can_restore(str(experiment))
+
+
 def _restore_sigterm_handler(handler) -> None:
     """Install `handler` for SIGTERM again after `ray.init` replaced it.
 
@@ -500,7 +524,7 @@ def run_study(
     if resume_run_id and not tune.Tuner.can_restore(str(experiment_path)):
         raise StudyFileError(
             f"Run {resume_run_id} has no restorable Ray Tune experiment at "
-            f"{experiment_path}; start a new run with `study run --fresh`"
+            f"{experiment_path}; start a new run with `{command_name()} run --fresh`"
         )
     prepared = prepare_data(spec, scale_name, workspace)
     plans = expand(scale, prepared, spec.analysis)
@@ -511,35 +535,46 @@ def run_study(
         label: entry.resources.model_dump() for label, entry in scale.workloads.items()
     }
 
+    # Ray starts before the run is recorded: a Ray that cannot be started or
+    # joined leaves no parent run that `study run` would try to continue.
+    started_ray = _join_or_start_ray(ray_address)
     client = workspace.open_stores()
-    # A tracking server keeps artifacts in its own store; a local database
-    # keeps them beside it in the workspace.
-    remote = workspace.tracking_uri.startswith(("http://", "https://"))
-    artifact_uri = None if remote else workspace.artifact_root.as_uri()
-    with workspace.store_setup_lock():
-        experiment_id = ensure_experiment(client, spec.name, artifact_uri)
-    if resume_run_id:
-        parent_run_id = _parent_run_id(client, run)
-        client.update_run(parent_run_id, status="RUNNING")
-        # A moved or copied workspace, or a run recorded before the
-        # workspace_id tag existed, names its current folder and id from now on.
-        for name, value in _workspace_tags(workspace).items():
-            client.set_tag(parent_run_id, name, value)
-    else:
-        parent_run_id = _create_parent_run(
-            client, experiment_id, run, plans, scale, workspace, parent_tags
+    parent_run_id = None
+    try:
+        # A tracking server keeps artifacts in its own store; a local database
+        # keeps them beside it in the workspace.
+        remote = workspace.tracking_uri.startswith(("http://", "https://"))
+        artifact_uri = None if remote else workspace.artifact_root.as_uri()
+        with workspace.store_setup_lock():
+            experiment_id = ensure_experiment(client, spec.name, artifact_uri)
+        if resume_run_id:
+            parent_run_id = _parent_run_id(client, run)
+            client.update_run(parent_run_id, status="RUNNING")
+            # A moved or copied workspace, or a run recorded before the
+            # workspace_id tag existed, names its current folder and id from now on.
+            for name, value in _workspace_tags(workspace).items():
+                client.set_tag(parent_run_id, name, value)
+        else:
+            parent_run_id = _create_parent_run(
+                client, experiment_id, run, plans, scale, workspace, parent_tags
+            )
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        recorder = StudyRecorder(
+            workspace.tracking_uri,
+            workspace.optuna_storage,
+            experiment_id,
+            parent_run_id,
+            run,
+            plans,
+            units,
         )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    recorder = StudyRecorder(
-        workspace.tracking_uri,
-        workspace.optuna_storage,
-        experiment_id,
-        parent_run_id,
-        run,
-        plans,
-        units,
-    )
-    recorder.connect()
+        recorder.connect()
+    except BaseException:
+        if parent_run_id is not None:
+            client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
+        if started_ray:
+            ray.shutdown()
+        raise
     logger.info(
         "study %s, scale %s, %s run %s: %d trials (%d already finished); workspace %s",
         spec.name,
@@ -552,7 +587,6 @@ def run_study(
     )
 
     status = RunStatus.FAILED
-    started_ray = _start_ray(ray_address)
     logger.info("Ray Tune results: %s", experiment_path)
     # Ray Tune installs its own SIGINT handler, which only sets Tune's stop
     # flag, and leaves it in place after a run that no signal stopped. The

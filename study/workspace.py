@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import urllib.error
 import urllib.parse
@@ -20,6 +21,7 @@ from pathlib import Path
 import sqlalchemy
 import sqlalchemy.exc
 
+from study.invocation import command_name
 from study.spec import StudyFileError
 
 logger = logging.getLogger("study")
@@ -69,17 +71,27 @@ class Workspace:
                     f"Workspace {path} is not writable; "
                     "pass a writable directory with --workspace DIR"
                 )
+        elif path.exists() and not path.is_dir():
+            raise StudyFileError(
+                f"Workspace {path} is not a directory; pass the directory that "
+                f"`{command_name()} run` wrote to with --workspace DIR"
+            )
         elif not path.is_dir():
             raise StudyFileError(
                 f"Workspace {path} does not exist; pass the directory that "
-                "`study run` wrote to with --workspace DIR"
+                f"`{command_name()} run` wrote to with --workspace DIR"
             )
-        return cls(
+        workspace = cls(
             root=path,
             tracking_uri=tracking_uri or _sqlite_uri(path / "mlflow.db"),
             optuna_storage=optuna_storage or _sqlite_uri(path / "optuna.db"),
             data_cache=cache,
         )
+        _check_sqlite_file(
+            workspace.tracking_uri, "MLflow tracking store", tracking_uri
+        )
+        _check_sqlite_file(workspace.optuna_storage, "Optuna storage", optuna_storage)
+        return workspace
 
     @contextlib.contextmanager
     def store_setup_lock(self) -> Iterator[None]:
@@ -125,8 +137,25 @@ class Workspace:
             ):
                 raise StudyFileError(
                     f"Workspace {self.root} contains no recorded runs "
-                    f"({uri[len('sqlite:///') :]} does not exist); run `study run` "
-                    "first or pass the right --workspace"
+                    f"({uri[len('sqlite:///') :]} does not exist); run "
+                    f"`{command_name()} run` first or pass the right --workspace"
+                )
+
+    def require_writable(self, command: str) -> None:
+        """Fail, writing nothing, when `command` cannot write to the workspace.
+
+        The folder and, where they exist, exports/ and mlartifacts/ must be
+        writable: `resume` records trials, and `export-table` and `report`
+        write under exports/ and log the files under mlartifacts/.
+        """
+        folders = [self.root, self.exports, self.artifact_root]
+        for folder in folders:
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise StudyFileError(
+                    f"Workspace {self.root} is not writable ({folder}), and "
+                    f"`{command}` writes to it; make it writable, or copy the "
+                    "workspace to a writable folder and pass that with "
+                    "--workspace DIR"
                 )
 
     def relocate_artifacts(self) -> None:
@@ -245,6 +274,25 @@ class Workspace:
         return self.root / "exports"
 
 
+def check_data_cache_writable(data_cache: str | Path | None) -> None:
+    """Fail, writing nothing, when the data cache cannot be created or written."""
+    cache = Path(data_cache or DEFAULT_DATA_CACHE).expanduser().resolve()
+    existing = cache
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StudyFileError(
+            f"Data cache {cache} cannot be created because {existing} is not a "
+            "directory; pass a directory with --data-cache DIR"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyFileError(
+            f"Data cache {cache} is not writable ({existing}); token shards and "
+            "image folders are prepared there, so pass a writable directory with "
+            "--data-cache DIR"
+        )
+
+
 def _sqlite_uri(path: Path) -> str:
     return f"sqlite:///{path}"
 
@@ -340,9 +388,74 @@ def _replace_location(connection, old_location: str, new_location: str) -> None:
 
 
 STORE_CHECK_TIMEOUT_SEC = 10
+# The first 16 bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 TRACKING_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "mssql")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """Return the database file of an sqlite URL (relative paths are relative to
+    the working directory), or None for other databases and in-memory sqlite."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _check_sqlite_file(url: str, store: str, option_value: str | None) -> None:
+    """Fail when the sqlite file of `url` exists but is no SQLite database, or
+    when it does not exist and its folder cannot take it. `option_value` is the
+    URL as given on the command line, or None for the workspace's own file."""
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    option = "--tracking-uri" if store.startswith("MLflow") else "--optuna-storage"
+    fix = (
+        f"pass another {option}"
+        if option_value
+        else "pass another folder with --workspace DIR"
+    )
+
+    if path.exists():
+        if not path.is_file():
+            raise StudyFileError(f"{store} {path} is not a file; {fix}")
+        try:
+            with path.open("rb") as handle:
+                header = handle.read(len(SQLITE_HEADER))
+        except OSError as error:
+            raise StudyFileError(
+                f"{store} {path} cannot be read ({error.strerror}); {fix}"
+            ) from None
+        # SQLite writes an empty file's header on its first write.
+        if header and header != SQLITE_HEADER:
+            raise StudyFileError(
+                f"{store} {path} is not an SQLite database; restore it from a "
+                f"backup or move it away, or {fix}"
+            )
+        return
+
+    if option_value is None:
+        # The workspace's own files go into the workspace folder, which
+        # `Workspace.open` checks.
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise StudyFileError(
+            f"{option} {option_value}: folder {folder} does not exist; create it "
+            f"or pass another {option}"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StudyFileError(
+            f"{option} {option_value}: folder {folder} is not writable, so the "
+            f"database cannot be created there; pass another {option}"
+        )
 
 
 def _check_tracking_uri(uri: str) -> None:
@@ -351,6 +464,7 @@ def _check_tracking_uri(uri: str) -> None:
             f"--tracking-uri {uri!r} is not supported; pass an MLflow tracking "
             "server (http://host:port) or a database URI such as sqlite:///path.db"
         )
+    _check_sqlite_file(uri, "MLflow tracking store", uri)
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
@@ -371,6 +485,15 @@ def _check_tracking_uri(uri: str) -> None:
     try:
         with urllib.request.urlopen(request, timeout=STORE_CHECK_TIMEOUT_SEC):
             return
+    except urllib.error.HTTPError as error:
+        # The server responded, so it is reachable. An MLflow server returns
+        # 200 at /health, also with basic-auth on.
+        raise StudyFileError(
+            f"--tracking-uri {shown} responded with HTTP {error.code} "
+            f"({error.reason}) at /health, so it is not an MLflow tracking server; "
+            "pass the URL of "
+            "one (`mlflow server --host 127.0.0.1 --port PORT` starts one)"
+        ) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise StudyFileError(
@@ -382,6 +505,7 @@ def _check_tracking_uri(uri: str) -> None:
 
 def _check_optuna_storage(url: str) -> None:
     if url.startswith("sqlite"):
+        _check_sqlite_file(url, "Optuna storage", url)
         return
     try:
         shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
@@ -413,22 +537,105 @@ def _check_optuna_storage(url: str) -> None:
         engine.dispose()
 
 
+RAY_ADDRESS_FORMS = (
+    "HOST:PORT of the Ray head node's GCS server (for example 127.0.0.1:6379), "
+    "auto, or ray://HOST:PORT for Ray Client; leave the option out to start a "
+    "local Ray"
+)
+# Ray's GCS server is a gRPC server, so it speaks HTTP/2 and responds to a
+# client's connection preface with a SETTINGS frame (RFC 9113, section 3.4).
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS_FRAME = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_FRAME_HEADER_BYTES = 9
+HTTP2_SETTINGS_TYPE = 4
+RAY_PROBE_TIMEOUT_SEC = 10
+
+
+def _parse_host_port(text: str) -> tuple[str, int] | None:
+    """Return (host, port) of HOST:PORT or [IPv6]:PORT, or None when `text` is
+    not of that form or the port is outside 1..65535."""
+    host, separator, port = text.rpartition(":")
+    if not separator or not host or not re.fullmatch(r"[0-9]{1,5}", port):
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None
+    if not host or re.search(r"[\s/@\[\]]", host):
+        return None
+    number = int(port)
+    if not 1 <= number <= 65535:
+        return None
+    return host, number
+
+
+def _read_exactly(connection: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = connection.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _check_ray_address(address: str) -> None:
-    """Fail fast on a host:port where no Ray head listens; `auto` and ray://
-    addresses are left to Ray."""
-    if address == "auto" or "://" in address or ":" not in address:
+    """Fail fast on an invalid address, or on a host:port where nothing listens
+    or a server that is not Ray's GCS server responds.
+
+    `auto` and ray:// (Ray Client) addresses are left to Ray after the format
+    check. Without this probe, `ray.init` retries a server that is not Ray's
+    GCS without end.
+    """
+    if address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    if address.startswith("ray://"):
+        if _parse_host_port(address[len("ray://") :].rstrip("/")) is None:
+            raise StudyFileError(
+                f"--ray-address {address!r} is invalid; pass {RAY_ADDRESS_FORMS}"
+            )
+        return
+    parsed = _parse_host_port(address)
+    if parsed is None:
+        raise StudyFileError(
+            f"--ray-address {address!r} is invalid; pass {RAY_ADDRESS_FORMS}"
+        )
     try:
-        with socket.create_connection(
-            (host, int(port)), timeout=STORE_CHECK_TIMEOUT_SEC
-        ):
-            return
-    except (OSError, ValueError) as error:
+        connection = socket.create_connection(parsed, timeout=STORE_CHECK_TIMEOUT_SEC)
+    except OSError as error:
         raise StudyFileError(
             f"No Ray cluster is reachable at --ray-address {address} ({error}); start "
             "one with `ray start --head` or leave the option out to run locally"
         ) from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            # NOTE: a TLS GCS server expects a TLS handshake first, so the
+            # plain HTTP/2 probe below would fail; only the TCP connect is checked.
+            return
+        connection.settimeout(RAY_PROBE_TIMEOUT_SEC)
+        try:
+            connection.sendall(HTTP2_CLIENT_PREFACE + HTTP2_EMPTY_SETTINGS_FRAME)
+            header = _read_exactly(connection, HTTP2_FRAME_HEADER_BYTES)
+        except TimeoutError:
+            reason = f"it sent nothing within {RAY_PROBE_TIMEOUT_SEC} s"
+        except OSError as error:
+            reason = f"the connection failed: {error.strerror or error}"
+        else:
+            if (
+                len(header) == HTTP2_FRAME_HEADER_BYTES
+                and header[3] == HTTP2_SETTINGS_TYPE
+            ):
+                return
+            reason = (
+                "it closed the connection"
+                if not header
+                else "it responded, but not with HTTP/2 as a gRPC server does"
+            )
+    raise StudyFileError(
+        f"--ray-address {address} accepts connections but is not a Ray GCS server "
+        f"({reason}); pass the address that `ray start --head` printed (port 6379 "
+        "by default) or leave the option out to run locally"
+    )
 
 
 def check_stores(

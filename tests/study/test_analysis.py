@@ -347,6 +347,27 @@ def test_tie_broken_by_validation_loss():
     assert best_row(analyze_run(make_run(rows)), 8).best_power == 1.2
 
 
+def test_tie_named_in_notes():
+    rows = [
+        reached(8, 1.0, 40, val_loss=3.45),
+        reached(8, 1.2, 40, val_loss=3.40),
+        reached(8, 1.4, 50, val_loss=3.30),
+        reached(16, 1.0, 20, val_loss=3.45),
+        reached(16, 1.2, 30, val_loss=3.40),
+    ]
+    notes = analyze_run(make_run(rows)).notes
+    ties = [note for note in notes if "tie" in note]
+    assert len(ties) == 1
+    assert ties[0].startswith("batch size 8: p=1, p=1.2 tie at 40 steps")
+    assert "lower median val/loss" in ties[0]
+    assert ties[0].endswith("which chose p=1.2")
+
+
+def test_run_without_trials_rejected():
+    with pytest.raises(StudyFileError, match="no finished trials yet"):
+        analyze_run(make_run([]))
+
+
 def test_grid_optimum_rows_independent():
     powers = np.array([0.8, 1.0, 1.2])
     times = np.array([[3.0, 2.0, 3.0], [np.inf, np.inf, np.inf], [1.0, 2.0, 3.0]])

@@ -69,6 +69,14 @@ def test_table_cells_best_and_censored(analysis):
     assert row16["best_power"] == "1"
 
 
+def test_time_table_caption_names_unit(analysis):
+    (caption,) = build_table(analysis, "steps").footnotes
+    assert caption.startswith("Cells are the optimizer steps to the target")
+    assert "median over seeds of the best lr_max" not in caption
+    assert "ties go to the lower median val/loss" in caption
+    assert caption in summary_text(analysis)
+
+
 def test_markdown_round_trip_pandas(analysis):
     table = build_table(analysis)
     text = to_markdown(table)

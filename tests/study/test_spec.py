@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,16 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     code = main(["run", str(path), "--scale", "smoke", "--workspace", str(workspace)])
     assert code == 2
     assert "power -1.0 is invalid" in capsys.readouterr().err
+    assert not workspace.exists()
+
+
+def test_cli_rejects_more_cpus_than_machine(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    too_many = (os.cpu_count() or 1) + 1
+    path = _write_study(tmp_path, **{"resources.cpu": too_many})
+    code = main(["run", str(path), "--scale", "smoke", "--workspace", str(workspace)])
+    assert code == 2
+    assert f"resources.cpu {too_many} is more than" in capsys.readouterr().err
     assert not workspace.exists()
 
 
