@@ -115,7 +115,8 @@ def test_interrupted_driver_leaves_trials_for_resume(tmp_path):
     )
 
     assert code == 130, log.read_text()[-3000:]
-    assert "study resume" in log.read_text()
+    # The hint repeats the command as the test ran it, python -m study.cli.
+    assert "-m study.cli resume" in log.read_text()
     for trial in optuna_trials(workspace, "interrupt"):
         # Every recorded trial ran its whole budget.
         assert trial.user_attrs["steps_done"] == 60
@@ -202,7 +203,7 @@ def test_terminated_driver_leaves_trials_for_resume(terminated_run):
     assert terminated_run.code == EXIT_TERMINATED, log[-3000:]
     stopped = [line for line in log.splitlines() if "stopped by SIGTERM" in line]
     assert len(stopped) == 1, log[-3000:]
-    assert "study resume" in stopped[0]
+    assert "-m study.cli resume" in stopped[0]
     # Ray's native failure handler prints this header before its stack dump.
     assert "SIGTERM received" not in log
     assert "Traceback" not in log
