@@ -468,36 +468,48 @@ class AdamPower(AdamW):
         if not candidates or total_numel < compiled_step.MIN_TOTAL_NUMEL:
             return []
 
-        batches: dict[tuple[float, ...], compiled_step.StepBatch] = {}
-        for group, params in candidates:
-            key = compiled_step.group_key(group)
-            batch = batches.get(key)
-            if batch is None:
-                batch = compiled_step.StepBatch(*key)
-                batches[key] = batch
-            grads: list[Tensor] = []
-            steps: list[Tensor] = []
-            # torch's own state initialization, so that the state layout and
-            # state_dict() stay AdamW's.
-            self._init_group(
-                {**group, "params": params},
-                [],
-                grads,
-                batch.exp_avgs,
-                batch.exp_avg_sqs,
-                [],
-                steps,
-            )
-            batch.params.extend(params)
-            batch.grads.extend(grads)
-            batch.steps.extend(self._steps_on_device(params))
-            lr = self._lr_tensor(group, params[0].device)
-            batch.lrs.extend([lr] * len(params))
-            batch.weight_decays.extend([float(group["weight_decay"])] * len(params))
+        # One compiled call per device and per set of constants.
+        batches: dict[tuple[Any, ...], compiled_step.StepBatch] = {}
+        for group, all_params in candidates:
+            constants = compiled_step.group_key(group)
+            for device in dict.fromkeys(param.device for param in all_params):
+                params = [param for param in all_params if param.device == device]
+                batch = batches.get((device, *constants))
+                if batch is None:
+                    batch = compiled_step.StepBatch(*constants)
+                    batches[(device, *constants)] = batch
+                self._add_to_batch(batch, group, params)
 
         ordered = list(batches.values())
         completed = compiled_step.run_batches(ordered)
         return [param for batch in ordered[:completed] for param in batch.params]
+
+    def _add_to_batch(
+        self,
+        batch: compiled_step.StepBatch,
+        group: dict[str, Any],
+        params: list[Tensor],
+    ) -> None:
+        """Append the tensors of ``params``, all of one group and one device."""
+        grads: list[Tensor] = []
+        steps: list[Tensor] = []
+        # torch's own state initialization, so that the state layout and
+        # state_dict() stay AdamW's.
+        self._init_group(
+            {**group, "params": params},
+            [],
+            grads,
+            batch.exp_avgs,
+            batch.exp_avg_sqs,
+            [],
+            steps,
+        )
+        batch.params.extend(params)
+        batch.grads.extend(grads)
+        batch.steps.extend(self._steps_on_device(params))
+        lr = self._lr_tensor(group, params[0].device)
+        batch.lrs.extend([lr] * len(params))
+        batch.weight_decays.extend([float(group["weight_decay"])] * len(params))
 
     def _compiled_step_supports(self, param: Tensor) -> bool:
         grad = param.grad
