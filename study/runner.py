@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -326,13 +327,13 @@ def prepare_data(
 def _start_ray(address: str | None) -> bool:
     """Connect to `address` or start a local Ray; return True when we started it.
 
-    The SIGTERM handler that the caller installed is kept (see
-    `_restore_sigterm_handler`).
+    The SIGTERM handler that the caller installed is kept, and a SIGTERM that
+    arrives during `ray.init` reaches it once `ray.init` returns (see
+    `_sigterm_kept_during_ray_init`).
     """
     if ray.is_initialized():
         return False
-    sigterm_handler = signal.getsignal(signal.SIGTERM)
-    try:
+    with _sigterm_kept_during_ray_init():
         if address:
             ray.init(
                 address=address, log_to_driver=False, logging_level=logging.WARNING
@@ -347,8 +348,6 @@ def _start_ray(address: str | None) -> bool:
             logging_level=logging.WARNING,
         )
         return True
-    finally:
-        _restore_sigterm_handler(sigterm_handler)
 
 
 def _keep_local_ray_on_loopback() -> None:
@@ -392,19 +391,43 @@ def is_restorable(workspace: Workspace, study: str, scale: str, run_id: str) -> 
     return tune.Tuner.can_restore(str(experiment))
 
 
-def _restore_sigterm_handler(handler) -> None:
-    """Install `handler` for SIGTERM again after `ray.init` replaced it.
+@contextlib.contextmanager
+def _sigterm_kept_during_ray_init() -> Iterator[None]:
+    """Keep Ray 2.60's `ray.init` from replacing the caller's SIGTERM handler.
 
-    Ray 2.60's `ray.init` sets a Python handler that calls `sys.exit(15)`
-    wherever the driver is, and its core worker installs Abseil's failure
-    signal handler for SIGTERM. That handler prints a native stack trace,
-    forwards the signal to Python's handler and arms a 3 s alarm that calls
-    abort(), so a driver still cleaning up after SIGTERM died with status 134.
+    `ray.init` first sets a SIGTERM handler that calls `sys.exit(15)` wherever
+    the driver is. A SIGTERM during the seconds that `ray.init` takes then
+    ended the driver with status 15 and no message, or was lost when the exit
+    landed in a fork callback. Ray's core worker also installs Abseil's failure
+    signal handler for SIGTERM, which prints a native stack trace, forwards the
+    signal and arms a 3 s alarm that calls abort(), so a driver still cleaning
+    up after SIGTERM died with status 134.
+
+    Here Ray's Python handler is not installed, a SIGTERM during `ray.init` is
+    held, the caller's handler is installed again afterwards (which also
+    replaces Abseil's), and a held SIGTERM is raised again for it.
     """
     if threading.current_thread() is not threading.main_thread():
         # Only the main thread can set signal handlers, so Ray's stay.
+        yield
         return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+    caller_handler = signal.getsignal(signal.SIGTERM)
+    held: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    # NOTE: a private function of Ray 2.60, which ray.init calls to set its
+    # SIGTERM handler.
+    set_sigterm_handler = ray._private.utils.set_sigterm_handler
+    ray._private.utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray._private.utils.set_sigterm_handler = set_sigterm_handler
+        signal.signal(
+            signal.SIGTERM,
+            signal.SIG_DFL if caller_handler is None else caller_handler,
+        )
+        if held:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def find_unfinished_run(

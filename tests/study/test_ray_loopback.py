@@ -144,3 +144,58 @@ def test_local_ray_listens_on_loopback_only():
         )
     ]
     assert exposed == [], f"sockets not on loopback (family, ip, port, pid): {exposed}"
+
+
+SIGTERM_DURING_INIT_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, threading
+
+    import ray
+
+    from study.cli import SigtermAsInterrupt
+    from study.runner import _start_ray
+
+    outcome = "returned"
+    with SigtermAsInterrupt() as sigterm:
+        # ray.init takes seconds; Ray's own handler would be set within the
+        # first milliseconds.
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        try:
+            _start_ray(None)
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+    print(json.dumps({
+        "outcome": outcome,
+        "initialized": ray.is_initialized(),
+        "received": sigterm.received,
+    }))
+    ray.shutdown()
+    """
+)
+
+
+def test_sigterm_during_ray_start_reaches_caller():
+    """A SIGTERM while ray.init runs reaches the CLI's handler afterwards,
+    instead of Ray's handler ending the driver with status 15."""
+    ray_tmpdir = tempfile.mkdtemp(prefix="ray")
+    environment = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(REPO)}
+    environment.pop("RAY_ADDRESS", None)
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-c", SIGTERM_DURING_INIT_SCRIPT],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["received"] is True
+    assert report["outcome"] == "interrupted"
+    # The signal was held until ray.init returned, so Ray is up to shut down.
+    assert report["initialized"] is True
