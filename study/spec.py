@@ -756,6 +756,11 @@ def _describe_error(item: Any) -> tuple[tuple[str | int, ...], str]:
         message = f"{message} (got {input_repr})"
         if item["type"] in _NUMBER_TYPES and isinstance(value, str):
             message += "; write numbers without quotes"
+        limits = item.get("ctx", {})
+        if item["type"] == "greater_than_equal":
+            message += f"; use {limits['ge']} or more"
+        elif item["type"] == "greater_than":
+            message += f"; use a value above {limits['gt']}"
     return location, message
 
 

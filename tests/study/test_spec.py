@@ -235,7 +235,7 @@ INVALID_LM_SETTINGS = [
     ({"model": {"family": "gpt"}}, "lm.model.family", "'gpt'"),
     ({"model": {"size": "tiny"}}, "lm.model.size", "unknown key"),
     ({"data.source": "wikipedia"}, "lm.data.source", "'wikipedia' is unknown"),
-    ({"data.seq_len": 0}, "lm.data.seq_len", "(got 0)"),
+    ({"data.seq_len": 0}, "lm.data.seq_len", "(got 0); use 1 or more"),
     ({"data.vocab_size": 2}, "lm.data.vocab_size", "vocab_size 2 is too small"),
     ({"data.tokenizer": "pretrained"}, "lm.data.tokenizer_path", "tokenizer_path"),
     ({"data.source": "files"}, "lm.data.paths", "add the text files"),
