@@ -108,7 +108,8 @@ IPV6_LOOPBACK = {
 }
 
 
-def test_local_ray_listens_on_loopback_only():
+def _run_ray_script(script: str) -> dict:
+    """Run `script` in a child Python and return the JSON its last line prints."""
     # A short new temp dir keeps this Ray apart from any other on the machine,
     # and keeps its Unix socket paths within the 107-byte limit.
     ray_tmpdir = tempfile.mkdtemp(prefix="ray")
@@ -120,7 +121,7 @@ def test_local_ray_listens_on_loopback_only():
     environment.update({"RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(REPO)})
     try:
         completed = subprocess.run(
-            [sys.executable, "-c", LISTENER_SCRIPT],
+            [sys.executable, "-c", script],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -132,7 +133,11 @@ def test_local_ray_listens_on_loopback_only():
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
     assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_local_ray_listens_on_loopback_only():
+    report = _run_ray_script(LISTENER_SCRIPT)
     assert report["started"] is True
     assert report["listening"], "found no listening socket of the Ray processes"
     exposed = [
@@ -177,24 +182,8 @@ SIGTERM_DURING_INIT_SCRIPT = textwrap.dedent(
 def test_sigterm_during_ray_start_reaches_caller():
     """A SIGTERM while ray.init runs reaches the CLI's handler afterwards,
     instead of Ray's handler ending the driver with status 15."""
-    ray_tmpdir = tempfile.mkdtemp(prefix="ray")
-    environment = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONPATH": str(REPO)}
-    environment.pop("RAY_ADDRESS", None)
-    try:
-        completed = subprocess.run(
-            [sys.executable, "-c", SIGTERM_DURING_INIT_SCRIPT],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=environment,
-            check=False,
-        )
-    finally:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    report = _run_ray_script(SIGTERM_DURING_INIT_SCRIPT)
 
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["received"] is True
     assert report["outcome"] == "interrupted"
     # The signal was held until ray.init returned, so Ray is up to shut down.

@@ -56,6 +56,25 @@ def _config(data: dict, **changes) -> TrialConfig:
     return TrialConfig(**{**values, **changes})
 
 
+def _keep_reports(metrics: list[dict], checkpoints: list[dict]):
+    """Return a report callback that appends to `metrics` and `checkpoints`.
+
+    Checkpoints are copied, because the loop goes on updating its tensors.
+    """
+
+    def report(step_metrics, checkpoint=None):
+        metrics.append(step_metrics)
+        if checkpoint is not None:
+            checkpoints.append(
+                torch.utils._pytree.tree_map(
+                    lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                    checkpoint,
+                )
+            )
+
+    return report
+
+
 MUON_MOE = {"optimizer": "muonpower", "model": {"family": "qwen2moe", "preset": "tiny"}}
 
 
@@ -69,18 +88,7 @@ def test_loop_resume_matches_uninterrupted(lm_data, changes):
 
     first_part: list[dict] = []
     saved: list[dict] = []
-
-    def report(metrics, checkpoint=None):
-        first_part.append(metrics)
-        if checkpoint is not None:
-            saved.append(
-                torch.utils._pytree.tree_map(
-                    lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                    checkpoint,
-                )
-            )
-
-    run_trial(_config(lm_data, **changes), report)
+    run_trial(_config(lm_data, **changes), _keep_reports(first_part, saved))
     restore = saved[1]
     assert restore["counters"]["step"] == 16
 
@@ -110,18 +118,7 @@ def test_loop_compiled_step_resumes_and_matches(lm_data, monkeypatch):
     monkeypatch.setenv(power_kernel.KERNEL_ENV_VAR, "0")
     compiled_run: list[dict] = []
     saved: list[dict] = []
-
-    def report(metrics, checkpoint=None):
-        compiled_run.append(metrics)
-        if checkpoint is not None:
-            saved.append(
-                torch.utils._pytree.tree_map(
-                    lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                    checkpoint,
-                )
-            )
-
-    run_trial(_config(lm_data), report)
+    run_trial(_config(lm_data), _keep_reports(compiled_run, saved))
     assert compiled_step.compiled_step_enabled(), "the compiled step fell back"
     assert [m["step"] for m in compiled_run] == [m["step"] for m in kernel_run]
     # The two paths round |g|**p and AdamW's arithmetic differently. Over the
