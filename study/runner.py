@@ -399,7 +399,7 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
     the driver is. A SIGTERM during the seconds that `ray.init` takes then
     ended the driver with status 15 and no message, or was lost when the exit
     landed in a fork callback. Ray's core worker also installs Abseil's failure
-    signal handler for SIGTERM, which prints a native stack trace, forwards the
+    signal handler for SIGTERM. It prints a native stack trace, forwards the
     signal and arms a 3 s alarm that calls abort(), so a driver still cleaning
     up after SIGTERM died with status 134.
 
@@ -412,8 +412,8 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
         yield
         return
     caller_handler = signal.getsignal(signal.SIGTERM)
-    held: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    pending_signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: pending_signals.append(signum))
     # NOTE: a private function of Ray 2.60, which ray.init calls to set its
     # SIGTERM handler.
     set_sigterm_handler = ray._private.utils.set_sigterm_handler
@@ -426,7 +426,7 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
             signal.SIGTERM,
             signal.SIG_DFL if caller_handler is None else caller_handler,
         )
-        if held:
+        if pending_signals:
             signal.raise_signal(signal.SIGTERM)
 
 

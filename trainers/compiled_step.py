@@ -10,7 +10,8 @@ The gradient keeps its raw value.
 
 Each group's lr, which a scheduler changes, enters the graph as a 0-d tensor
 on the parameters' device, so the graph compiles once per model. The step
-counts stay on that device too, so the step never waits for the device.
+counts stay on that device too, so no value is copied back to the host. A
+group lr given as a CUDA tensor is the exception: reading it synchronizes.
 
 Set GRADPOWER_COMPILED_STEP=0 to turn this path off. When compiling fails (no
 Triton, no C++ compiler), one warning is logged and AdamPower keeps its other

@@ -42,12 +42,12 @@ GROUPS = [
 LR_FACTORS = [1.0, 0.7, 0.35, 0.1]
 
 # The compiled step computes |g|**p with pow in float32 and rounds AdamW's
-# arithmetic in its own order. Against torch's AdamW on float64 powers rounded
-# to the param dtype, after 4 steps on this file's values, the differences were
-# at most: float32 params 1.5e-8 absolute (values up to 0.42, updates of 1e-3
-# to 1e-2 per step), exp_avg 1.9e-9 absolute, exp_avg_sq 7.7e-7 relative, and
-# bfloat16 params 4.9e-4 absolute, a quarter of bfloat16's spacing of 2e-3 for
-# values between 0.25 and 0.5.
+# arithmetic in its own order. The reference is torch's AdamW fed float64
+# powers rounded to the param dtype. After 4 steps on this file's values the
+# largest differences were 1.5e-8 absolute for float32 params (values up to
+# 0.42, updates of 1e-3 to 1e-2 per step), 1.9e-9 absolute for exp_avg and
+# 7.7e-7 relative for exp_avg_sq. bfloat16 params differed by 4.9e-4, a
+# quarter of bfloat16's spacing of 2e-3 for values between 0.25 and 0.5.
 FLOAT32_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
 EXP_AVG_TOLERANCE = {"rtol": 1e-6, "atol": 1e-8}
 EXP_AVG_SQ_TOLERANCE = {"rtol": 2e-6, "atol": 0.0}
