@@ -492,31 +492,33 @@ def _run_or_resume(
     if resume:
         workspace.require_recorded()
         workspace.require_writable(f"{command_name()} resume")
+    with workspace.run_lock(spec.name, args.scale):
+        return _run_or_resume_locked(args, resume, sigterm, spec, workspace)
 
+
+def _run_or_resume_locked(
+    args: argparse.Namespace,
+    resume: bool,
+    sigterm: SigtermAsInterrupt,
+    spec,
+    workspace: Workspace,
+) -> int:
     from study.lr_transfer import apply_transfer
-    from study.runner import find_unfinished_run, is_restorable, run_study
+    from study.runner import find_continuable_run, run_study
 
     client = workspace.open_stores()
     run_id = getattr(args, "run_id", None)
     if resume and run_id is None:
-        run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
+        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
         if run_id is None:
             raise StudyFileError(
                 f"Workspace {workspace.root} contains no unfinished run of "
-                f"{spec.name} ({args.scale}); start one with `{command_name()} run`"
+                f"{spec.name} ({args.scale}) that can be continued; start one "
+                f"with `{command_name()} run`"
             )
     elif not resume and not args.fresh:
-        run_id = find_unfinished_run(client, spec.name, args.scale, workspace)
-        if run_id is not None and not is_restorable(
-            workspace, spec.name, args.scale, run_id
-        ):
-            print(
-                f"unfinished run {run_id} of {spec.name} ({args.scale}) stopped "
-                "before Ray Tune saved its experiment, so it cannot be continued; "
-                "starting a new run"
-            )
-            run_id = None
-        elif run_id is not None:
+        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
+        if run_id is not None:
             print(
                 f"continuing unfinished run {run_id} of {spec.name} ({args.scale}); "
                 "pass --fresh to start a new run instead"
@@ -532,7 +534,7 @@ def _run_or_resume(
         args.scale,
         workspace,
         ray_address=args.ray_address,
-        max_concurrent=max_concurrent,
+        max_concurrent=getattr(args, "max_concurrent", None),
         resume_run_id=run_id,
         parent_tags=transfer.tags() if transfer else None,
     )

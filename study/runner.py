@@ -26,7 +26,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import optuna
 import ray
 import torch
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -430,17 +430,22 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
             signal.raise_signal(signal.SIGTERM)
 
 
-def find_unfinished_run(
-    client: MlflowClient, study: str, scale: str, workspace: Workspace
-) -> str | None:
-    """Return the run id of this workspace's latest unfinished run of a scale.
+# The tag that marks a parent run whose Tune experiment was never saved.
+UNRESTORABLE_TAG = "unrestorable"
 
-    Runs that other workspaces recorded in shared stores are skipped, because
+
+def unfinished_runs(
+    client: MlflowClient, study: str, scale: str, workspace: Workspace
+) -> list[Run]:
+    """Return the MLflow parent runs of this workspace's unfinished runs of a
+    scale, newest first, leaving out those tagged `unrestorable`.
+
+    Runs that other workspaces recorded in shared stores are left out, because
     their Tune experiments live in those workspaces (see `_is_workspace_run`).
     """
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
-        return None
+        return []
     parents = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.study = '{study}' and tags.scale = '{scale}'",
@@ -448,13 +453,40 @@ def find_unfinished_run(
         max_results=50000,
     )
     workspace_id = workspace.read_id()
-    for parent in parents:
-        if "mlflow.parentRunId" in parent.data.tags:
-            continue
-        if not _is_workspace_run(parent.data.tags, workspace, workspace_id):
-            continue
-        if parent.info.status != "FINISHED":
-            return parent.data.tags["study_run_id"]
+    return [
+        parent
+        for parent in parents
+        if "mlflow.parentRunId" not in parent.data.tags
+        and UNRESTORABLE_TAG not in parent.data.tags
+        and parent.info.status != "FINISHED"
+        and _is_workspace_run(parent.data.tags, workspace, workspace_id)
+    ]
+
+
+def find_continuable_run(
+    client: MlflowClient, study: str, scale: str, workspace: Workspace
+) -> str | None:
+    """Return the run id of this workspace's latest unfinished run of a scale
+    that Ray Tune can restore.
+
+    A newer unfinished run whose driver stopped before Tune saved its
+    experiment can never be continued: it is logged, marked FAILED and tagged
+    `unrestorable`, and skipped from then on. The caller holds the
+    workspace's `run_lock`, so no driver is still starting such a run.
+    """
+    for parent in unfinished_runs(client, study, scale, workspace):
+        run_id = parent.data.tags["study_run_id"]
+        if is_restorable(workspace, study, scale, run_id):
+            return run_id
+        logger.warning(
+            "unfinished run %s of %s (%s) stopped before Ray Tune saved its "
+            "experiment, so it cannot be continued; its records stay, marked FAILED",
+            run_id,
+            study,
+            scale,
+        )
+        client.set_tag(parent.info.run_id, UNRESTORABLE_TAG, "no Tune experiment")
+        client.set_terminated(parent.info.run_id, RunStatus.to_string(RunStatus.FAILED))
     return None
 
 
@@ -477,7 +509,7 @@ def _is_workspace_run(
 
 def _workspace_tags(workspace: Workspace) -> dict[str, str]:
     """Return the parent run tags that name the workspace: its folder, for
-    people, and its id, which `find_unfinished_run` matches."""
+    people, and its id, which `find_continuable_run` matches."""
     tags = {"workspace": str(workspace.root)}
     workspace_id = workspace.read_id()
     if workspace_id is not None:

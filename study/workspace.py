@@ -108,6 +108,36 @@ class Workspace:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def run_lock(self, study: str, scale: str) -> Iterator[None]:
+        """Hold this workspace's lock on one study and scale while it runs.
+
+        Two drivers of the same study and scale in one workspace would both
+        continue its unfinished Ray Tune experiment and record its trials
+        twice. The lock goes when the process ends, also by SIGKILL, so a
+        killed run leaves nothing to clean up.
+        """
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{study}-{scale}")
+        path = self.root / f".run-{name}.lock"
+        with path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise StudyFileError(
+                    f"Another `{command_name()} run` or `resume` of {study} "
+                    f"({scale}) is running in workspace {self.root} (process "
+                    f"{holder}); wait for it to stop, or pass another --workspace"
+                ) from None
+            try:
+                handle.truncate(0)
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def open_stores(self):
         """Return an MLflow client after creating both stores' tables under
         `store_setup_lock`.

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from study.analysis import analyze_run, load_runs
 from study.cli import EXIT_TERMINATED, SigtermAsInterrupt
+from study.runner import UNRESTORABLE_TAG
 from study.workspace import IDENTITY_FILE
 from tests.study.resilience_support import (
     child_runs,
@@ -240,7 +241,11 @@ def _assert_recorded_once(workspace: Path, study: str) -> None:
     trials = optuna_trials(workspace, study)
     assert sorted(t.user_attrs["trial_key"] for t in trials) == keys
     assert {t.user_attrs["steps_done"] for t in trials} == {60}
-    (parent,) = _parent_runs(workspace, study)
+    (parent,) = [
+        run
+        for run in _parent_runs(workspace, study)
+        if UNRESTORABLE_TAG not in run.data.tags
+    ]
     assert parent.info.status == "FINISHED"
     root = workspace.resolve()
     assert parent.info.artifact_uri.startswith(root.as_uri() + "/mlartifacts/")
@@ -253,18 +258,34 @@ def _workspace_id(workspace: Path) -> str:
     return json.loads((workspace / IDENTITY_FILE).read_text())["id"]
 
 
+def _record_unsaved_run(workspace: Path, study: str) -> str:
+    """Record a running parent run named `stale` with no Tune experiment, as
+    a driver killed while Ray started leaves, and return its MLflow id."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    tags = {"study": study, "scale": "smoke", "study_run_id": "stale"}
+    return client.create_run(experiment.experiment_id, tags=tags).info.run_id
+
+
 def test_copied_and_moved_workspaces_resume(terminated_run, tmp_path):
     original = terminated_run.workspace
     original_id = _workspace_id(original)
     resume = ["resume", str(terminated_run.path), "--scale", "smoke", "--workspace"]
 
-    # A copy resumes on its own files and leaves the original's alone.
+    # A copy resumes on its own files and leaves the original's alone. A newer
+    # run in it that stopped before Tune saved its experiment is passed over.
     copy = tmp_path / "copy" / "ws"
     shutil.copytree(original, copy)
+    stale = _record_unsaved_run(copy, "terminate")
     before = _file_states(original)
     resumed = _run([*resume, str(copy)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_recorded_once(copy, "terminate")
+    assert "unfinished run stale of terminate (smoke) stopped" in resumed.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    stale_run = client.get_run(stale)
+    assert stale_run.info.status == "FAILED"
+    assert UNRESTORABLE_TAG in stale_run.data.tags
     assert _file_states(original) == before
     assert _workspace_id(copy) != original_id
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+from study.cli import EXIT_BAD_INPUT, main
 from study.recording import ensure_experiment
-from study.runner import find_unfinished_run
+from study.runner import unfinished_runs
 from study.spec import StudyFileError
 from study.workspace import IDENTITY_FILE, Workspace, _is_copy_of
 
@@ -34,6 +38,11 @@ def _record_parent_run(workspace: Workspace, run_id: str, tags: dict) -> str:
     )
     client.log_dict(parent.info.run_id, {"run": run_id}, "metadata.json")
     return parent.info.run_id
+
+
+def _unfinished(client, study: str, scale: str, workspace: Workspace) -> list[str]:
+    runs = unfinished_runs(client, study, scale, workspace)
+    return [run.data.tags["study_run_id"] for run in runs]
 
 
 def _forget_artifact_repos() -> None:
@@ -171,7 +180,7 @@ def test_own_stores_find_run_after_move(tmp_path):
     moved = Workspace.open(moved_root)
     client = moved.open_stores()
     assert moved.owns_stores
-    assert find_unfinished_run(client, STUDY, SCALE, moved) == "r1"
+    assert _unfinished(client, STUDY, SCALE, moved) == ["r1"]
 
 
 def _shared_workspace(root: Path, tracking_uri: str) -> Workspace:
@@ -196,18 +205,18 @@ def test_shared_store_matches_workspace_id(tmp_path):
     # A teammate's run that names no workspace.
     _record_parent_run(other, "teammate", {})
     client = MlflowClient(tracking_uri=shared)
-    assert find_unfinished_run(client, STUDY, SCALE, original) == "own"
+    assert _unfinished(client, STUDY, SCALE, original) == ["own"]
 
     copy_root = tmp_path / "copy" / "ws"
     shutil.copytree(original.root, copy_root)
     copy = _shared_workspace(copy_root, shared)
-    assert find_unfinished_run(client, STUDY, SCALE, copy) is None
+    assert _unfinished(client, STUDY, SCALE, copy) == []
 
     moved_root = tmp_path / "moved" / "ws"
     moved_root.parent.mkdir()
     shutil.move(original.root, moved_root)
     moved = _shared_workspace(moved_root, shared)
-    assert find_unfinished_run(client, STUDY, SCALE, moved) == "own"
+    assert _unfinished(client, STUDY, SCALE, moved) == ["own"]
 
 
 def test_shared_store_legacy_run_matches_path(tmp_path):
@@ -215,7 +224,50 @@ def test_shared_store_legacy_run_matches_path(tmp_path):
     workspace = _shared_workspace(tmp_path / "a" / "ws", shared)
     _record_parent_run(workspace, "legacy", {"workspace": str(workspace.root)})
     client = MlflowClient(tracking_uri=shared)
-    assert find_unfinished_run(client, STUDY, SCALE, workspace) == "legacy"
+    assert _unfinished(client, STUDY, SCALE, workspace) == ["legacy"]
 
     elsewhere = _shared_workspace(tmp_path / "b" / "ws", shared)
-    assert find_unfinished_run(client, STUDY, SCALE, elsewhere) is None
+    assert _unfinished(client, STUDY, SCALE, elsewhere) == []
+
+
+def test_run_lock_refuses_second_driver(tmp_path, capsys):
+    workspace = Workspace.open(tmp_path / "ws")
+    args = ["run", "toy_noise_regimes", "--scale", "smoke"]
+    with workspace.run_lock("toy_noise_regimes", "smoke"):
+        # Another study, or another scale, may run beside it.
+        with workspace.run_lock("toy_noise_regimes", "paper"):
+            pass
+        code = main([*args, "--workspace", str(workspace.root)])
+    assert code == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert (
+        f"of toy_noise_regimes (smoke) is running in workspace {workspace.root} "
+        f"(process {os.getpid()}); wait for it to stop" in error
+    )
+    assert not (workspace.root / "mlflow.db").exists()
+
+
+def test_run_lock_released_when_holder_is_killed(tmp_path):
+    workspace = Workspace.open(tmp_path / "ws")
+    hold = (
+        "import sys, time\n"
+        "from study.workspace import Workspace\n"
+        f"with Workspace.open({str(workspace.root)!r}).run_lock('s', 'smoke'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with (
+            pytest.raises(StudyFileError, match=f"process {holder.pid}"),
+            workspace.run_lock("s", "smoke"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace.run_lock("s", "smoke"):
+        pass
