@@ -285,6 +285,11 @@ class AdamPower(AdamW):
     statistics before calling it. With power == 1.0 the update is bitwise
     AdamW's with the same arguments.
 
+    The defaults are the paper's for LLaMA pre-training: betas (0.9, 0.95),
+    decoupled weight decay 0.1 and power 1.2. They differ from AdamW's (0.9,
+    0.999) and 1e-2, so pass betas and weight_decay to compare with an AdamW
+    built with its own defaults.
+
     A param group may set its own ``power``. Groups without one get the
     constructor's value.
 
@@ -314,9 +319,9 @@ class AdamPower(AdamW):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float = 0.1,
         power: float = 1.2,
         *,
         amsgrad: bool = False,

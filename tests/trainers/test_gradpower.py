@@ -160,6 +160,13 @@ def test_adampower_overwrites_gradients():
         )
 
 
+def test_adampower_defaults_are_the_papers():
+    defaults = AdamPower(make_params()).defaults
+    assert defaults["betas"] == (0.9, 0.95)
+    assert defaults["weight_decay"] == 0.1
+    assert defaults["power"] == 1.2
+
+
 def test_adampower_per_group_power():
     params = make_params()
     gradient_steps = make_gradient_steps(5)

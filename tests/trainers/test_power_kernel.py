@@ -319,7 +319,10 @@ def test_fused_step_skips_unsupported_params(kernel_on):
     assert not grads[2].is_contiguous()
     optimizer = AdamPower(params, lr=1e-2, power=1.4)
     reference_params = [torch.nn.Parameter(param.detach().clone()) for param in params]
-    reference = torch.optim.AdamW(reference_params, lr=1e-2, foreach=False)
+    # AdamPower's defaults: the paper's betas and weight decay.
+    reference = torch.optim.AdamW(
+        reference_params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False
+    )
 
     for param, grad in zip(params, grads):
         param.grad = grad.clone()
