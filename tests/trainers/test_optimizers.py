@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from pydantic import ValidationError
 from torch.optim import Muon
 
 from study.spec import Training
+from tests.trainers.sample_data import documents
 from trainers.config import TrialConfig
+from trainers.data.text import TextSource, TokenizerSpec, prepare_token_shards
 from trainers.gradpower import AdamPower, GradPower, power_transform
+from trainers.loop import run_trial
 from trainers.optimizers import (
     BLOCKWISE_LR_RATIOS,
     CombinedOptimizer,
@@ -373,3 +377,47 @@ def test_study_training_settings_validated():
         Training(optimizer="muonpower", blockwise_lr=True)
     with pytest.raises(ValidationError, match="precision"):
         Training(precision="fp8")
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("optimizers")
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(documents(200, seed=5)) + "\n")
+    shards = prepare_token_shards(
+        TextSource("files", paths=(str(text),)),
+        TokenizerSpec("bpe", vocab_size=300),
+        root / "cache",
+        seq_len=32,
+        val_tokens=129,
+    )
+    return {"shards_dir": str(shards.directory), "seq_len": 32}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "blockwise_lr"),
+    [("muonpower", False), ("adampower", True)],
+)
+def test_optimizer_trains_tiny_llama(tiny_corpus, optimizer, blockwise_lr):
+    trial = config(
+        batch_size=8,
+        step_budget=8,
+        lr_max=3e-3,
+        warmup_steps=2,
+        optimizer=optimizer,
+        blockwise_lr=blockwise_lr,
+        model={"preset": "tiny"},
+        data=tiny_corpus,
+        eval_every_steps=8,
+        device="cpu",
+    )
+    rows = []
+    outcome = run_trial(trial, lambda metrics, checkpoint=None: rows.append(metrics))
+
+    assert outcome.end_state == "censored"
+    losses = [row["train/loss"] for row in rows]
+    assert len(losses) == 8
+    assert all(math.isfinite(loss) for loss in losses)
+    assert math.isfinite(rows[-1]["val/loss"])
+    # The first loss is near log(vocab size); eight steps lower it.
+    assert losses[-1] < losses[0]

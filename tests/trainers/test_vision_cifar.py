@@ -15,7 +15,7 @@ from study.spec import load_study
 from tests.trainers.sample_data import write_random_cifar10
 from trainers.config import TrialConfig
 from trainers.data.vision import CHANNEL_STATS, CIFAR10_CLASSES, write_cifar10_folder
-from trainers.workloads.vision import VisionWorkload
+from trainers.workloads.vision import VisionWorkload, build_resnet
 
 TRAIN_IMAGES = 100
 TEST_IMAGES = 1030
@@ -49,6 +49,24 @@ def vision_config(root, **overrides) -> TrialConfig:
     }
     settings.update(overrides)
     return TrialConfig(**settings)
+
+
+def test_resnet34_has_cifar_stem():
+    model = build_resnet("resnet34", in_channels=3)
+    assert model.conv1.kernel_size == (3, 3)
+    assert model.conv1.stride == (1, 1)
+    assert model.conv1.padding == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model.fc.out_features == 10
+    # torchvision's ResNet-34 has 21,797,672 parameters with its 7x7 stem and
+    # 1000 classes; the 3x3 stem and 10 classes leave 21,282,122.
+    assert sum(p.numel() for p in model.parameters()) == 21_282_122
+    # The stem keeps the 32x32 resolution that the ImageNet stem cuts to 8x8.
+    with torch.no_grad():
+        stem = model.maxpool(
+            model.relu(model.bn1(model.conv1(torch.zeros(1, 3, 32, 32))))
+        )
+    assert stem.shape == (1, 64, 32, 32)
 
 
 def test_cifar10_writer_matches_torchvision_reader(tmp_path, monkeypatch):
