@@ -1,4 +1,5 @@
 import gzip
+import itertools
 import json
 import multiprocessing
 import re
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from trainers.data import DataUnavailableError
 from trainers.data.text import (
+    ENCODE_BATCH_DOCUMENTS,
     HELD_OUT_EVERY,
     TextSource,
     TokenBatches,
@@ -169,7 +171,7 @@ def test_files_missing_name_option(tmp_path):
         TextSource("files", paths=(str(tmp_path),)),
     ]
     for source in cases:
-        with pytest.raises(DataUnavailableError, match="text_files"):
+        with pytest.raises(DataUnavailableError, match="data.paths"):
             list(iter_documents(source, "train"))
 
 
@@ -188,7 +190,7 @@ def test_c4_local_reads_split_shards(tmp_path):
     assert list(iter_documents(source, "validation")) == ["held out"]
 
 
-def test_c4_local_missing_names_data_dir(tmp_path):
+def test_c4_local_missing_names_data_paths(tmp_path):
     write_c4_shard(tmp_path / "c4-train.00000-of-01024.json.gz", ["only train"])
     cases = [
         (TextSource("c4_local"), "train"),
@@ -196,7 +198,7 @@ def test_c4_local_missing_names_data_dir(tmp_path):
         (TextSource("c4_local", paths=(str(tmp_path),)), "validation"),
     ]
     for source, split in cases:
-        with pytest.raises(DataUnavailableError, match="--data-dir"):
+        with pytest.raises(DataUnavailableError, match="data.paths"):
             list(iter_documents(source, split))
 
 
@@ -209,7 +211,7 @@ def test_hub_sources_offline_name_local_sources(monkeypatch):
     for kind in ("c4_hub", "openwebtext_hub"):
         with pytest.raises(DataUnavailableError, match="c4_local") as raised:
             next(iter_documents(TextSource(kind), "validation"))
-        assert "text_files" in str(raised.value)
+        assert "data.paths" in str(raised.value)
 
 
 # Shards
@@ -301,6 +303,34 @@ def test_val_tokens_fixes_validation_size(tmp_path):
     assert shards.train_tokens == 100
     assert (shards.directory / "val.bin").stat().st_size == 40 * 2
     assert len(shards.tokens("validation")) == 40
+
+
+def test_max_train_tokens_stops_hub_stream(tmp_path, monkeypatch):
+    read = {"train": 0, "validation": 0}
+
+    def endless_stream(name, config=None, *, split, streaming):
+        # Stands in for the hub's C4: a stream that never ends.
+        for index in itertools.count():
+            read[split] += 1
+            yield {"text": paragraph(index)}
+
+    monkeypatch.setattr(datasets, "load_dataset", endless_stream)
+    tokenizer_dir = save_word_level_tokenizer(tmp_path / "tokenizer", vocab_size=500)
+
+    shards = prepare_token_shards(
+        TextSource("c4_hub"),
+        TokenizerSpec("pretrained", name_or_path=str(tokenizer_dir)),
+        tmp_path / "cache",
+        seq_len=8,
+        val_tokens=40,
+        max_train_tokens=1000,
+    )
+
+    assert shards.train_tokens == 1000
+    assert shards.val_tokens == 40
+    # Documents are encoded in batches, so reading stops within one batch.
+    assert read["train"] <= ENCODE_BATCH_DOCUMENTS
+    assert read["validation"] <= ENCODE_BATCH_DOCUMENTS
 
 
 def test_val_tokens_longer_than_held_out_text(tmp_path):
@@ -412,7 +442,7 @@ def test_pretrained_tokenizer_missing_directory(tmp_path):
     source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
     spec = TokenizerSpec("pretrained", name_or_path=str(tmp_path / "no-tokenizer"))
 
-    with pytest.raises(DataUnavailableError, match="name_or_path"):
+    with pytest.raises(DataUnavailableError, match="data.tokenizer_path"):
         prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
 
 
@@ -474,3 +504,206 @@ def test_val_batches_cover_validation_in_order(bible_shards):
 def test_token_batches_reject_long_windows(bible_shards):
     with pytest.raises(ValueError, match="seq_len"):
         TokenBatches(bible_shards, seq_len=70_000, seed=0)
+
+
+# Unreadable shards and tokenizer folders
+
+
+def _read_c4(directory: Path) -> list[str]:
+    return list(
+        iter_documents(TextSource("c4_local", paths=(str(directory),)), "train")
+    )
+
+
+def _raw_c4_shard(directory: Path, lines: list[str]) -> Path:
+    """Write ``lines`` as a gzipped training shard and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "c4-train.00000-of-00001.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as shard:
+        shard.write("".join(f"{line}\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            '{"content": "a", "url": "u"}',
+            "has no \"text\" field (its keys: 'content', 'url')",
+        ),
+        ('{"text": "a"', "is not valid JSON (Expecting ',' delimiter at column 13)"),
+        ('["text", "a"]', "is a JSON array, not an object"),
+        ('{"text": null}', 'has a "text" field of JSON type null'),
+    ],
+    ids=["no_text", "invalid_json", "array", "null_text"],
+)
+def test_c4_bad_line_names_file_and_line(tmp_path, line, problem):
+    shard = _raw_c4_shard(tmp_path / "c4", ['{"text": "fine"}', line])
+
+    with pytest.raises(DataUnavailableError) as raised:
+        _read_c4(tmp_path / "c4")
+
+    message = str(raised.value)
+    assert message.startswith(f"{shard}:2 {problem}. ")
+    assert 'must be a JSON object with a "text" string' in message
+    assert "\n" not in message
+
+
+def test_c4_truncated_shard_names_file(tmp_path):
+    texts = [paragraph(index) * 20 for index in range(200)]
+    shard = _raw_c4_shard(tmp_path / "c4", [json.dumps({"text": t}) for t in texts])
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    with pytest.raises(DataUnavailableError) as raised:
+        _read_c4(tmp_path / "c4")
+
+    message = str(raised.value)
+    assert re.fullmatch(
+        rf"C4 shard {re.escape(str(shard))} is truncated: its gzip stream ends after "
+        r"line \d+\. Download the shard again, or remove it from the directories in "
+        r"data\.paths\.",
+        message,
+    )
+
+
+def test_c4_shard_not_gzip_names_file(tmp_path):
+    shard = tmp_path / "c4" / "c4-train.00000-of-00001.json.gz"
+    shard.parent.mkdir()
+    shard.write_text('{"text": "plain JSON lines, not compressed"}\n')
+
+    with pytest.raises(DataUnavailableError) as raised:
+        _read_c4(tmp_path / "c4")
+
+    message = str(raised.value)
+    assert message.startswith(f"C4 shard {shard} is not a valid gzip file (")
+    assert message.endswith("Download the shard again, or remove it from the "
+                            "directories in data.paths.")  # fmt: skip
+
+
+def test_c4_shard_bad_crc_names_file(tmp_path):
+    shard = _raw_c4_shard(tmp_path / "c4", ['{"text": "one"}', '{"text": "two"}'])
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF  # The gzip trailer: CRC-32, then the length.
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(DataUnavailableError) as raised:
+        _read_c4(tmp_path / "c4")
+
+    assert str(raised.value).startswith(
+        f"C4 shard {shard} is not a valid gzip file after line 2 (CRC check failed"
+    )
+
+
+def test_files_source_not_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait".encode("latin-1"))
+
+    with pytest.raises(DataUnavailableError) as raised:
+        list(iter_documents(TextSource("files", paths=(str(path),)), "train"))
+
+    assert str(raised.value) == (
+        f"text file {path} is not valid UTF-8 (invalid continuation byte at byte 3)."
+        " Convert it to UTF-8, or remove it from data.paths."
+    )
+
+
+TOKENIZER_FIX = (
+    "Set data.tokenizer_path to a folder saved with transformers' save_pretrained, "
+    "which contains tokenizer.json or tokenizer_config.json, or to a Hugging Face "
+    "Hub name such as google-t5/t5-base."
+)
+
+
+def test_tokenizer_path_missing_or_not_folder(tmp_path):
+    saved = save_word_level_tokenizer(tmp_path / "saved", vocab_size=500)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a tokenizer")
+    cases = {
+        tmp_path / "absent": "not found. " + TOKENIZER_FIX,
+        saved / "tokenizer.json": (
+            f"is a file, not a folder. Set data.tokenizer_path to the folder that "
+            f"contains it, {saved}."
+        ),
+        tmp_path / "empty": (
+            "is not a tokenizer folder: it has neither tokenizer.json nor "
+            f"tokenizer_config.json and is empty. {TOKENIZER_FIX}"
+        ),
+        tmp_path / "other": (
+            "is not a tokenizer folder: it has neither tokenizer.json nor "
+            f"tokenizer_config.json and contains only notes.txt. {TOKENIZER_FIX}"
+        ),
+    }
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+
+    for path, problem in cases.items():
+        spec = TokenizerSpec("pretrained", name_or_path=str(path))
+        with pytest.raises(DataUnavailableError) as raised:
+            prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+        assert str(raised.value) == f"data.tokenizer_path {str(path)!r} {problem}"
+    # The path is checked before the cache is touched.
+    assert not (tmp_path / "cache").exists()
+
+
+def test_tokenizer_folder_unloadable_or_without_eos(tmp_path):
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("not JSON")
+    without_eos = tmp_path / "without_eos"
+    without_eos.mkdir()
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(
+        str(without_eos / "tokenizer.json")
+    )
+    cases = {
+        broken: (
+            f"the tokenizer in data.tokenizer_path {str(broken)!r} cannot be loaded "
+            "(Expecting value: line 1 column 1 (char 0)). Save it again with "
+            "transformers' save_pretrained."
+        ),
+        without_eos: (
+            f"the tokenizer of data.tokenizer_path {str(without_eos)!r} has no EOS "
+            "token, which packing puts between documents. Set its eos_token and save "
+            "it again with save_pretrained."
+        ),
+    }
+
+    for path, expected in cases.items():
+        spec = TokenizerSpec("pretrained", name_or_path=str(path))
+        with pytest.raises(DataUnavailableError) as raised:
+            prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+        assert str(raised.value) == expected
+
+
+def test_hub_tokenizer_unreachable(tmp_path, monkeypatch):
+    # Offline mode fails at once, as an unreachable hub does after its retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    spec = TokenizerSpec("pretrained", name_or_path="google-t5/t5-base")
+
+    with pytest.raises(DataUnavailableError) as raised:
+        prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+
+    assert str(raised.value) == (
+        "data.tokenizer_path 'google-t5/t5-base' is not a local folder (no "
+        f"{tmp_path}/google-t5/t5-base), and the Hugging Face Hub could not be "
+        "reached to download it. Set data.tokenizer_path to a local folder saved "
+        "with transformers' save_pretrained, or run where huggingface.co is "
+        "reachable."
+    )
+
+
+def test_tokenizer_path_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_word_level_tokenizer(tmp_path / "tokenizer", vocab_size=500)
+    write_text_files(tmp_path / "corpus")
+    source = TextSource("files", paths=(str(tmp_path / "corpus" / "*.txt"),))
+    spec = TokenizerSpec("pretrained", name_or_path="~/tokenizer")
+
+    shards = prepare_token_shards(source, spec, tmp_path / "cache", seq_len=8)
+
+    assert shards.vocab_size == 500

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
+from tests.trainers.sample_data import write_random_cifar10
 from trainers.data import DataUnavailableError, vision
 from trainers.data.vision import (
     CHANNEL_STATS,
@@ -18,6 +19,7 @@ from trainers.data.vision import (
     load_image_dataset,
     prepare_fashion_mnist,
 )
+from trainers.workloads.vision import VisionWorkload
 
 CIFAR_TRAIN_PER_BATCH = 4
 CIFAR_TEST_IMAGES = 3
@@ -179,7 +181,7 @@ def test_fashion_mnist_from_source_dir(tmp_path):
 
 
 def test_fashion_mnist_missing_names_fix(tmp_path, monkeypatch):
-    with pytest.raises(DataUnavailableError, match="--data-dir"):
+    with pytest.raises(DataUnavailableError, match="data.source_dir"):
         prepare_fashion_mnist(tmp_path / "root", tmp_path / "empty")
 
     monkeypatch.setattr(vision, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
@@ -226,11 +228,91 @@ def test_cifar10_md5_check_rejects_local_folder(tmp_path):
 
 
 def test_cifar10_missing_names_fix(tmp_path):
-    with pytest.raises(DataUnavailableError, match="--data-dir") as raised:
+    with pytest.raises(DataUnavailableError, match="data.root") as raised:
         load_image_dataset("cifar10", tmp_path, train=True)
 
-    assert "download=True" in str(raised.value)
+    assert "`download: true`" in str(raised.value)
     assert "data_batch_1" in str(raised.value)
+
+
+def test_cifar10_download_hint_is_yaml(tmp_path):
+    with pytest.raises(DataUnavailableError) as raised:
+        load_image_dataset("cifar10", tmp_path, train=False)
+
+    folder = tmp_path / "cifar-10-batches-py"
+    assert str(raised.value) == (
+        f"CIFAR-10 files data_batch_1, data_batch_2, data_batch_3, data_batch_4, "
+        f"data_batch_5, test_batch, batches.meta not found in {folder}. Extract "
+        f"cifar-10-python.tar.gz so that {folder} exists, or set data.root to the "
+        "folder that contains cifar-10-batches-py. Where the network is reachable, "
+        "set `download: true` in data to download it into data.root."
+    )
+
+
+def _pickled(content) -> bytes:
+    return pickle.dumps(content, protocol=2)
+
+
+GOOD_TEST_BATCH = {
+    "data": np.zeros((3, 3072), dtype=np.uint8),
+    "labels": [7, 8, 9],
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (_pickled(GOOD_TEST_BATCH)[:40], "file {} is not a readable python pickle"),
+        (b"data_batch in binary form", "file {} is not a readable python pickle"),
+        (_pickled([1, 2, 3]), "file {} does not contain a CIFAR batch dictionary"),
+        (
+            _pickled({"data": GOOD_TEST_BATCH["data"]}),
+            "batch {} lacks the 'data' array or the 'labels' list",
+        ),
+        (
+            _pickled({**GOOD_TEST_BATCH, "data": np.zeros((3, 1024), np.uint8)}),
+            "batch {} has data of uint8 [3, 1024], expected uint8 rows of 3072 bytes",
+        ),
+        (
+            _pickled({**GOOD_TEST_BATCH, "labels": [7]}),
+            "batch {} has 3 images but 1 labels",
+        ),
+    ],
+    ids=["truncated", "not_pickle", "list", "no_labels", "wrong_shape", "few_labels"],
+)
+def test_cifar10_bad_batch_names_file(tmp_path, content, problem):
+    write_cifar_folder(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    test_batch.write_bytes(content)
+
+    with pytest.raises(DataUnavailableError) as raised:
+        load_image_dataset("cifar10", tmp_path, train=False)
+
+    message = str(raised.value)
+    assert message.startswith("CIFAR-10 " + problem.format(test_batch))
+    assert "Extract cifar-10-python.tar.gz again" in message
+    assert "\n" not in message
+
+
+def test_fashion_mnist_truncated_gz_names_file(tmp_path):
+    source_dir = tmp_path / "source"
+    source_dir.mkdir()
+    for name in FASHION_MNIST_FILES:
+        write_idx_gz(source_dir / f"{name}.gz", np.zeros((4, 28, 28), np.uint8))
+    truncated = source_dir / "train-images-idx3-ubyte.gz"
+    truncated.write_bytes(truncated.read_bytes()[:30])
+
+    with pytest.raises(DataUnavailableError) as raised:
+        prepare_fashion_mnist(tmp_path / "root", source_dir)
+
+    assert str(raised.value) == (
+        f"Fashion-MNIST file {truncated} is truncated or not a gzip file (Compressed "
+        "file ended before the end-of-stream marker was reached). Download it "
+        "again, or reinstall dataset-fashion-mnist if it came from there."
+    )
+    # No partly written file is left behind for the next run to trust.
+    raw_dir = tmp_path / "root" / "FashionMNIST" / "raw"
+    assert not (raw_dir / "train-images-idx3-ubyte").exists()
 
 
 # Batches
@@ -364,3 +446,22 @@ def test_eval_batches_cover_set_in_order():
         images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)
     ) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, expected)
+
+
+def test_workload_prepare_makes_relative_root_absolute(tmp_path, monkeypatch):
+    write_random_cifar10(tmp_path / "images", train=10, test=10)
+    monkeypatch.chdir(tmp_path)
+    prepared = VisionWorkload.prepare(
+        {"dataset": "cifar10", "root": "images"}, tmp_path / "cache"
+    )
+    # Ray Tune starts each trial in a folder of its own.
+    assert prepared["root"] == str(tmp_path / "images")
+
+
+def test_workload_prepare_passes_fashion_mnist_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(vision, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "none")
+    with pytest.raises(DataUnavailableError, match="Fashion-MNIST not found in"):
+        VisionWorkload.prepare(
+            {"dataset": "fashion_mnist", "root": str(tmp_path / "root")},
+            tmp_path / "cache",
+        )

@@ -2,8 +2,16 @@
 
 
 class DataUnavailableError(RuntimeError):
-    """Missing or insufficient training data.
+    """Missing, unreadable or insufficient training data.
 
-    The message names what is missing and the fix: the Debian package to install, or
-    the path or option (``--data-dir``, ``text_files``) to set.
+    The message is one line that names the file or setting at fault and the fix:
+    the Debian package to install, a file to download again, or the study-file
+    key of the workload's ``data`` to set (``data.paths``, ``data.root``,
+    ``data.tokenizer_path``).
     """
+
+
+def one_line(error: BaseException) -> str:
+    """Return the message of ``error`` with line breaks and runs of spaces
+    collapsed, for quoting inside a one-line error."""
+    return " ".join(str(error).split())

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from trainers.data.errors import DataUnavailableError
+from trainers.data.errors import DataUnavailableError, one_line
 from trainers.tables import SourceKind
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ _SPLIT_FILES = {"train": "train.bin", "validation": "val.bin"}
 _VERSE_LINE = re.compile(r"^(?P<chapter>[1-3]?[A-Za-z]+\d+):\d+ (?P<text>.*)$")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _GLOB_CHARACTERS = frozenset("*?[")
+# transformers' AutoTokenizer.from_pretrained needs at least one of these files in a
+# local folder. save_pretrained writes both.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ def _read_bible_text() -> str:
     if command is None:
         raise DataUnavailableError(
             "the `bible` command was not found on PATH. Install it with "
-            "`apt-get install bible-kjv`, or use the files source with `text_files`."
+            "`apt-get install bible-kjv`, or set data.source to files and data.paths "
+            "to your text files."
         )
     result = subprocess.run(
         [command, "-f", BIBLE_RANGE], capture_output=True, text=True, check=False
@@ -213,7 +218,7 @@ def _expand_text_files(patterns: tuple[str, ...]) -> list[Path]:
     """Return the files named by ``patterns`` in order, without duplicates."""
     if not patterns:
         raise DataUnavailableError(
-            "the files source has no paths. Set `text_files` to text files or glob "
+            "the files source has no paths. Set data.paths to text files or glob "
             "patterns such as 'corpus/*.txt'."
         )
     files: dict[Path, None] = {}
@@ -227,20 +232,20 @@ def _expand_text_files(patterns: tuple[str, ...]) -> list[Path]:
             ]
             if not matches:
                 raise DataUnavailableError(
-                    f"no files match {pattern!r}. Set `text_files` to existing text "
-                    "files or glob patterns."
+                    f"no files match {pattern!r} in data.paths. Set data.paths to "
+                    "existing text files or glob patterns."
                 )
         else:
             path = Path(expanded)
             if path.is_dir():
                 raise DataUnavailableError(
-                    f"{pattern!r} is a directory. Set `text_files` to files or a glob "
-                    f"pattern such as '{os.path.join(pattern, '*.txt')}'."
+                    f"{pattern!r} in data.paths is a directory. Set data.paths to "
+                    f"files or a glob pattern such as '{os.path.join(pattern, '*.txt')}'."
                 )
             if not path.is_file():
                 raise DataUnavailableError(
-                    f"text file {pattern!r} not found. Set `text_files` to existing "
-                    "text files or glob patterns."
+                    f"text file {pattern!r} in data.paths not found. Set data.paths "
+                    "to existing text files or glob patterns."
                 )
             matches = [path]
         for match in matches:
@@ -253,7 +258,10 @@ def _file_paragraphs(patterns: tuple[str, ...]) -> Iterator[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"text file {path} is not valid UTF-8: {error}") from error
+            raise DataUnavailableError(
+                f"text file {path} is not valid UTF-8 ({error.reason} at byte "
+                f"{error.start}). Convert it to UTF-8, or remove it from data.paths."
+            ) from None
         for block in _PARAGRAPH_BREAK.split(text):
             block = block.strip()
             if block:
@@ -263,17 +271,18 @@ def _file_paragraphs(patterns: tuple[str, ...]) -> Iterator[str]:
 def _find_c4_shards(directories: tuple[str, ...], split: Split) -> list[Path]:
     """Return the ``c4-<split>.*.json.gz`` files under ``directories``, sorted."""
     fix = (
-        "Pass the directory that contains the allenai/c4 'en' shards "
-        "(c4-train.00000-of-01024.json.gz, ..., c4-validation.*.json.gz) "
-        "with --data-dir."
+        "Set data.paths to the directories that contain the allenai/c4 'en' shards "
+        "(c4-train.00000-of-01024.json.gz, ..., c4-validation.*.json.gz)."
     )
     if not directories:
-        raise DataUnavailableError(f"the c4_local source has no directory. {fix}")
+        raise DataUnavailableError(f"the c4_local source has no directories. {fix}")
     shards: set[Path] = set()
     for directory in directories:
         root = Path(directory).expanduser()
         if not root.is_dir():
-            raise DataUnavailableError(f"C4 directory {directory!r} not found. {fix}")
+            raise DataUnavailableError(
+                f"C4 directory {directory!r} in data.paths not found. {fix}"
+            )
         shards.update(root.rglob(f"c4-{split}.*.json.gz"))
     if not shards:
         raise DataUnavailableError(
@@ -284,17 +293,83 @@ def _find_c4_shards(directories: tuple[str, ...], split: Split) -> list[Path]:
 
 def _c4_local_documents(directories: tuple[str, ...], split: Split) -> Iterator[str]:
     for shard in _find_c4_shards(directories, split):
+        yield from _read_c4_shard(shard)
+
+
+def _read_c4_shard(shard: Path) -> Iterator[str]:
+    """Yield the "text" field of each line of a gzipped JSON-lines C4 shard.
+
+    Raises DataUnavailableError naming the shard, and the line where one is at
+    fault, when the file is not gzip, is truncated or corrupt, or has a line that
+    is not a JSON object with a string "text" field.
+    """
+    fix = "Download the shard again, or remove it from the directories in data.paths."
+    line_number = 0
+    try:
         with gzip.open(shard, "rt", encoding="utf-8") as lines:
             for line_number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(
-                        f"{shard}:{line_number} is not a JSON object with a 'text' "
-                        f"field: {error}"
-                    ) from error
+                if line.strip():
+                    yield _c4_text(shard, line_number, line)
+    except EOFError:
+        raise DataUnavailableError(
+            f"C4 shard {shard} is truncated: its gzip stream ends"
+            f"{_after_line(line_number)}. {fix}"
+        ) from None
+    # BadGzipFile covers a missing gzip header and a failed CRC or length check.
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise DataUnavailableError(
+            f"C4 shard {shard} is not a valid gzip file{_after_line(line_number)} "
+            f"({one_line(error)}). {fix}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DataUnavailableError(
+            f"C4 shard {shard} is not UTF-8 text{_after_line(line_number)} "
+            f"({error.reason}). {fix}"
+        ) from None
+
+
+def _after_line(line_number: int) -> str:
+    return f" after line {line_number}" if line_number else ""
+
+
+def _c4_text(shard: Path, line_number: int, line: str) -> str:
+    expected = 'Each line of a C4 shard must be a JSON object with a "text" string.'
+    try:
+        # Without the newline, the error's column counts within this line.
+        record = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as error:
+        raise DataUnavailableError(
+            f"{shard}:{line_number} is not valid JSON ({error.msg} at column "
+            f"{error.colno}). {expected} Fix the line or download the shard again."
+        ) from None
+    if not isinstance(record, dict):
+        raise DataUnavailableError(
+            f"{shard}:{line_number} is a JSON {_json_type(record)}, not an object. "
+            f"{expected}"
+        )
+    if "text" not in record:
+        keys = ", ".join(repr(key) for key in sorted(record)[:5]) or "none"
+        raise DataUnavailableError(
+            f'{shard}:{line_number} has no "text" field (its keys: {keys}). '
+            f"{expected} Rename the field that contains the document to text."
+        )
+    if not isinstance(record["text"], str):
+        raise DataUnavailableError(
+            f'{shard}:{line_number} has a "text" field of JSON type '
+            f"{_json_type(record['text'])}. {expected}"
+        )
+    return record["text"]
+
+
+def _json_type(value: object) -> str:
+    """Return the JSON name of the type of a value that json.loads returned."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}[type(value)]
 
 
 def _hub_texts(name: str, config: str | None, split: str) -> Iterator[str]:
@@ -308,9 +383,11 @@ def _hub_texts(name: str, config: str | None, split: str) -> Iterator[str]:
     except OSError as error:
         # Offline, datasets 5.2 raises ConnectionError, a subclass of OSError.
         raise DataUnavailableError(
-            f"could not reach the Hugging Face Hub dataset {name!r} ({error}). Check "
-            "network access, or use a local source: c4_local with the C4 shards "
-            "passed as --data-dir, or files with `text_files`."
+            f"could not reach the Hugging Face Hub dataset {name!r} "
+            f"({one_line(error)}). Check "
+            "network access, or use a local source: set data.source to c4_local and "
+            "data.paths to the directories of the C4 shards, or data.source to files "
+            "and data.paths to your text files."
         ) from error
     for record in dataset:
         yield record["text"]
@@ -362,22 +439,94 @@ def _limit_characters(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
+def _is_local_path(name: str) -> bool:
+    """Return whether a tokenizer_path names a local path rather than a hub name.
+
+    Hub names have the form "name" or "namespace/name", so an absolute path, one
+    that starts with "." or "~", or one with two or more "/" is local. Other names
+    are local only where they exist.
+    """
+    if name.startswith((".", "~", os.sep)) or name.count("/") > 1:
+        return True
+    return Path(name).exists()
+
+
+def _check_tokenizer_path(spec: TokenizerSpec) -> None:
+    """Raise DataUnavailableError when a local tokenizer_path is missing or is not
+    a folder with tokenizer files. Hub names pass unchecked."""
+    if spec.kind != "pretrained" or not _is_local_path(spec.name_or_path):
+        return
+    name = spec.name_or_path
+    path = Path(name).expanduser()
+    expected = " or ".join(TOKENIZER_FILES)
+    fix = (
+        "Set data.tokenizer_path to a folder saved with transformers' "
+        f"save_pretrained, which contains {expected}, or to a Hugging Face Hub name "
+        "such as google-t5/t5-base."
+    )
+    if path.is_file():
+        if any((path.parent / file).is_file() for file in TOKENIZER_FILES):
+            fix = f"Set data.tokenizer_path to the folder that contains it, {path.parent}."
+        raise DataUnavailableError(
+            f"data.tokenizer_path {name!r} is a file, not a folder. {fix}"
+        )
+    if not path.is_dir():
+        raise DataUnavailableError(f"data.tokenizer_path {name!r} not found. {fix}")
+    if not any((path / file).is_file() for file in TOKENIZER_FILES):
+        present = sorted(entry.name for entry in path.iterdir())
+        listing = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        contents = f"contains only {listing}" if present else "is empty"
+        raise DataUnavailableError(
+            f"data.tokenizer_path {name!r} is not a tokenizer folder: it has neither "
+            f"{' nor '.join(TOKENIZER_FILES)} and {contents}. {fix}"
+        )
+
+
 def _load_pretrained(spec: TokenizerSpec) -> _Encoder:
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from transformers import AutoTokenizer
 
+    name = spec.name_or_path
+    local = _is_local_path(name)
+    # NOTE: where huggingface.co cannot be resolved, huggingface_hub retries for
+    # about 45 s and logs a warning per retry before raising (measured offline
+    # with transformers 5.25). HF_HUB_OFFLINE=1 makes it fail at once.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path)
-    except OSError as error:
-        raise DataUnavailableError(
-            f"could not load the tokenizer {spec.name_or_path!r} ({error}). Set "
-            "name_or_path to a local directory that contains tokenizer.json (saved "
-            "with save_pretrained), or allow access to the Hugging Face Hub."
-        ) from error
+        # transformers does not expand "~" itself.
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(name).expanduser()) if local else name
+        )
+    # Broken tokenizer files raise ValueError (json.JSONDecodeError among them),
+    # and hub failures raise OSError.
+    except (OSError, ValueError) as error:
+        if local:
+            message = (
+                f"the tokenizer in data.tokenizer_path {name!r} cannot be loaded "
+                f"({one_line(error)}). Save it again with transformers' "
+                "save_pretrained."
+            )
+        elif _caused_by(error, LocalEntryNotFoundError):
+            message = (
+                f"data.tokenizer_path {name!r} is not a local folder (no "
+                f"{Path(name).absolute()}), and the Hugging Face Hub could not be "
+                "reached to download it. Set data.tokenizer_path to a local folder "
+                "saved with transformers' save_pretrained, or run where "
+                "huggingface.co is reachable."
+            )
+        else:
+            message = (
+                f"loading data.tokenizer_path {name!r} from the Hugging Face Hub "
+                f"failed ({one_line(error)}). Check the name, or set "
+                "data.tokenizer_path to a local folder saved with transformers' "
+                "save_pretrained."
+            )
+        raise DataUnavailableError(message) from None
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError(
-            f"tokenizer {spec.name_or_path!r} has no EOS token, which packing needs "
-            "between documents"
+        raise DataUnavailableError(
+            f"the tokenizer of data.tokenizer_path {name!r} has no EOS token, which "
+            "packing puts between documents. Set its eos_token and save it again "
+            "with save_pretrained."
         )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -394,6 +543,17 @@ def _load_pretrained(spec: TokenizerSpec) -> _Encoder:
             )["input_ids"]
 
     return _Encoder(encode_batch=encode_batch, vocab_size=len(tokenizer), eos_id=eos_id)
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Return whether ``error`` or an exception it was raised from is a ``kind``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -494,6 +654,7 @@ def prepare_token_shards(
                 f"{name}={value} is shorter than one window of seq_len + 1 = "
                 f"{seq_len + 1} tokens"
             )
+    _check_tokenizer_path(tokenizer)
     # An absolute directory stays valid in Ray Tune trials, which change the working
     # directory.
     cache_root = Path(cache_root).absolute()
@@ -517,8 +678,8 @@ def prepare_token_shards(
         if count < seq_len + 1:
             raise DataUnavailableError(
                 f"the {split} split of {source.kind} has {count} tokens, fewer than one "
-                f"window of seq_len + 1 = {seq_len + 1}. Use more text or a shorter "
-                "seq_len."
+                f"window of seq_len + 1 = {seq_len + 1}. Add text to the source or "
+                "lower data.seq_len."
             )
     return shards
 
@@ -633,9 +794,11 @@ def _source_fingerprint(source: TextSource) -> object:
 
 
 def _tokenizer_fingerprint(spec: TokenizerSpec) -> object:
-    if spec.kind != "pretrained" or not Path(spec.name_or_path).exists():
+    if spec.kind != "pretrained":
         return None
-    root = Path(spec.name_or_path)
+    root = Path(spec.name_or_path).expanduser()
+    if not root.exists():
+        return None
     files = (
         [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
     )
@@ -676,14 +839,14 @@ def _build_shards(
         for split, count in (("train", train_count), ("validation", val_count)):
             if count == 0:
                 raise DataUnavailableError(
-                    f"the {split} split of {source.kind} contains no text. Check the "
-                    "source paths and max_documents."
+                    f"the {split} split of {source.kind} contains no text. Check "
+                    "data.paths and data.max_documents."
                 )
         if val_tokens is not None and val_count < val_tokens:
             raise DataUnavailableError(
                 f"val_tokens={val_tokens} requested, but the validation split of "
-                f"{source.kind} has only {val_count} tokens. Lower val_tokens or add "
-                "text."
+                f"{source.kind} has only {val_count} tokens. Lower data.val_tokens or "
+                "add text to the source."
             )
         meta = {
             "format_version": CACHE_FORMAT_VERSION,

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, FashionMNIST
 from torchvision.datasets.vision import VisionDataset
 
-from trainers.data.errors import DataUnavailableError
+from trainers.data.errors import DataUnavailableError, one_line
 from trainers.tables import ImageDatasetName
 
 # Installed by Debian's dataset-fashion-mnist package.
@@ -92,19 +93,20 @@ def prepare_fashion_mnist(
         raw_dir.mkdir(parents=True, exist_ok=True)
         for name, path in sources.items():
             if not (raw_dir / name).is_file():
-                _copy_decompressed(path, raw_dir / name)
+                _copy_idx_file(path, raw_dir / name)
         return raw_dir
 
     if source_dir is not None:
         raise DataUnavailableError(
             f"Fashion-MNIST files {', '.join(missing)} (.gz or decompressed) not found "
-            f"in {directory}. Pass a directory that contains all four idx files with "
-            "--data-dir, or install them with `apt-get install dataset-fashion-mnist`."
+            f"in data.source_dir {directory}. Set data.source_dir to a directory that "
+            "contains all four idx files, or remove it to use the files of "
+            "`apt-get install dataset-fashion-mnist`."
         )
     fix = (
         f"Install them with `apt-get install dataset-fashion-mnist` (which fills "
-        f"{DEBIAN_FASHION_MNIST_DIR}), or pass a directory that contains the four "
-        "idx .gz files with --data-dir."
+        f"{DEBIAN_FASHION_MNIST_DIR}), or set data.source_dir to a directory that "
+        "contains the four idx .gz files."
     )
     if not download:
         raise DataUnavailableError(
@@ -117,7 +119,7 @@ def prepare_fashion_mnist(
     except (RuntimeError, OSError) as error:
         raise DataUnavailableError(
             f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST_DIR} and the download "
-            f"into {raw_dir} failed ({error}). {fix}"
+            f"into {raw_dir} failed ({one_line(error)}). {fix}"
         ) from error
     return raw_dir
 
@@ -131,6 +133,19 @@ def _find_idx_file(directory: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _copy_idx_file(source: Path, destination: Path) -> None:
+    """Copy one Fashion-MNIST idx file with `_copy_decompressed`, raising
+    DataUnavailableError when a .gz file is truncated or not gzip."""
+    try:
+        _copy_decompressed(source, destination)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataUnavailableError(
+            f"Fashion-MNIST file {source} is truncated or not a gzip file "
+            f"({one_line(error)}). Download it again, or reinstall "
+            "dataset-fashion-mnist if it came from there."
+        ) from None
 
 
 def _copy_decompressed(source: Path, destination: Path) -> None:
@@ -164,8 +179,11 @@ class _LocalCIFAR10(CIFAR10):
         self.train = train
         folder = Path(self.root, self.base_folder)
         names = self.train_list if train else self.test_list
-        batches = [_read_cifar_pickle(folder / name) for name, _ in names]
-        data = np.vstack([batch["data"] for batch in batches])
+        paths = [folder / name for name, _ in names]
+        batches = [_read_cifar_pickle(path) for path in paths]
+        data = np.vstack(
+            [_cifar_batch_rows(path, batch) for path, batch in zip(paths, batches)]
+        )
         # Rows are 3072 bytes: the red, green and blue 32x32 planes in turn.
         self.data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         self.targets = [label for batch in batches for label in batch["labels"]]
@@ -178,6 +196,12 @@ class _LocalCIFAR10(CIFAR10):
         meta = _read_cifar_pickle(
             Path(self.root, self.base_folder, self.meta["filename"])
         )
+        if self.meta["key"] not in meta:
+            path = Path(self.root, self.base_folder, self.meta["filename"])
+            raise DataUnavailableError(
+                f"CIFAR-10 file {path} lacks {self.meta['key']!r}. Extract "
+                "cifar-10-python.tar.gz again."
+            )
         self.classes = [_as_text(name) for name in meta[self.meta["key"]]]
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
@@ -193,13 +217,59 @@ def _read_cifar_pickle(path: Path) -> dict[str, Any]:
 
     The official files are Python 2 pickles, whose str keys load as str with the
     latin1 encoding (and their numpy arrays load correctly only with it). Pickles
-    written by Python 3 with bytes keys such as b"data" are accepted too.
+    written by Python 3 with bytes keys such as b"data" are accepted too. Raises
+    DataUnavailableError naming the file when it is not such a pickle.
     """
-    with open(path, "rb") as file:
-        content = pickle.load(file, encoding="latin1")
+    fix = (
+        "Extract cifar-10-python.tar.gz again. The folder must contain the python "
+        "version of CIFAR-10, not the binary or MATLAB one."
+    )
+    try:
+        with open(path, "rb") as file:
+            content = pickle.load(file, encoding="latin1")
+    # Truncated or foreign files raise any of these while unpickling, and a pickle
+    # of objects from a module that is not installed raises ImportError.
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        ImportError,
+        AttributeError,
+    ) as error:
+        raise DataUnavailableError(
+            f"CIFAR-10 file {path} is not a readable python pickle "
+            f"({type(error).__name__}: {one_line(error)}). {fix}"
+        ) from None
     if not isinstance(content, dict):
-        raise TypeError(f"{path} does not contain a CIFAR batch dictionary")
+        raise DataUnavailableError(
+            f"CIFAR-10 file {path} does not contain a CIFAR batch dictionary. {fix}"
+        )
     return {_as_text(key): value for key, value in content.items()}
+
+
+def _cifar_batch_rows(path: Path, batch: dict[str, Any]) -> np.ndarray:
+    """Return a batch's ``data`` as uint8 rows of 3072 bytes, raising
+    DataUnavailableError when its data or labels are missing or do not match."""
+    data = batch.get("data")
+    labels = batch.get("labels")
+    if not isinstance(data, np.ndarray) or labels is None:
+        raise DataUnavailableError(
+            f"CIFAR-10 batch {path} lacks the 'data' array or the 'labels' list. "
+            "Extract cifar-10-python.tar.gz again."
+        )
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataUnavailableError(
+            f"CIFAR-10 batch {path} has data of {data.dtype} {list(data.shape)}, "
+            "expected uint8 rows of 3072 bytes. Extract cifar-10-python.tar.gz again."
+        )
+    if len(labels) != len(data):
+        raise DataUnavailableError(
+            f"CIFAR-10 batch {path} has {len(data)} images but {len(labels)} labels. "
+            "Extract cifar-10-python.tar.gz again."
+        )
+    return data
 
 
 def _as_text(value: str | bytes) -> str:
@@ -212,8 +282,9 @@ def _load_cifar10(root: Path, train: bool, download: bool) -> CIFAR10:
         return _LocalCIFAR10(root, train)
     folder = Path(root, CIFAR10.base_folder)
     fix = (
-        f"Extract cifar-10-python.tar.gz so that {folder} exists and pass its parent "
-        "with --data-dir, or pass download=True where the network is reachable."
+        f"Extract cifar-10-python.tar.gz so that {folder} exists, or set data.root "
+        "to the folder that contains cifar-10-batches-py. Where the network is "
+        "reachable, set `download: true` in data to download it into data.root."
     )
     if not download:
         raise DataUnavailableError(
@@ -224,7 +295,7 @@ def _load_cifar10(root: Path, train: bool, download: bool) -> CIFAR10:
         return CIFAR10(root, train=train, download=True)
     except (RuntimeError, OSError) as error:
         raise DataUnavailableError(
-            f"CIFAR-10 download into {folder} failed ({error}). {fix}"
+            f"CIFAR-10 download into {folder} failed ({one_line(error)}). {fix}"
         ) from error
 
 

@@ -118,10 +118,20 @@ class VisionWorkload(Workload):
     @classmethod
     def prepare(cls, data: dict[str, Any], cache_root: Path) -> dict[str, Any]:
         merged = {**DEFAULT_DATA, **data}
-        root = Path(merged["root"]) if merged["root"] else cache_root / "vision"
+        # Trials run in folders of their own, so a relative root would not
+        # resolve there.
+        root = (
+            Path(merged["root"]).expanduser().absolute()
+            if merged["root"]
+            else cache_root / "vision"
+        )
         if merged["dataset"] == "fashion_mnist":
             source_dir = merged["source_dir"]
-            prepare_fashion_mnist(root, Path(source_dir) if source_dir else None)
+            prepare_fashion_mnist(
+                root,
+                Path(source_dir).expanduser() if source_dir else None,
+                download=merged["download"],
+            )
         else:
             # Loading once here downloads (when allowed) or validates the folder
             # before any trial starts.
