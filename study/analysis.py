@@ -72,6 +72,8 @@ class RecordedRun:
     workload: str
     progress_unit: str
     budget_steps: int
+    """The step budget; the largest one of the run's batch sizes under an
+    epoch budget."""
     target_metric: str
     target_value: float
     target_mode: str
@@ -82,6 +84,16 @@ class RecordedRun:
     adam_eps: float = DEFAULT_ADAM_EPS
     eps_recorded: bool = False
     """Whether `adam_eps` comes from the run's metadata rather than the default."""
+    budget_epochs: int | None = None
+    """The epoch budget, which sets each batch size's step budget, or None
+    under a step budget."""
+
+    @property
+    def budget_text(self) -> str:
+        """The budget as tables and notes state it, such as `40000 steps`."""
+        if self.budget_epochs is not None:
+            return f"{self.budget_epochs} epochs"
+        return f"{self.budget_steps} steps"
 
     @property
     def stem(self) -> str:
@@ -316,6 +328,7 @@ def load_runs(
             workload=attrs["workload"],
             progress_unit=attrs["progress_unit"],
             budget_steps=int(attrs["budget_steps"]),
+            budget_epochs=attrs.get("budget_epochs"),
             target_metric=attrs["target_metric"],
             target_value=float(attrs["target_value"]),
             target_mode=attrs["target_mode"],
@@ -864,7 +877,7 @@ def _count_notes(run: RecordedRun, trials: pd.DataFrame) -> list[str]:
     censored = int((trials.end_state == "censored").sum())
     if censored:
         notes.append(
-            f"{censored} trial(s) censored at the budget of {run.budget_steps} steps; "
+            f"{censored} trial(s) censored at the budget of {run.budget_text}; "
             "their cells show lower bounds"
         )
     return notes

@@ -23,6 +23,7 @@ from study.spec import (
     available_studies,
     check_local_resources,
     load_study,
+    step_budget,
 )
 from study.workspace import (
     DEFAULT_DATA_CACHE,
@@ -108,9 +109,15 @@ TIME_METRIC_CHOICES = {
     "examples": "progress",
     "seconds": "seconds",
 }
+# Both name the progress to the target, which each workload counts in its own
+# unit: tokens for language models, examples for image classifiers.
+PROGRESS_METRICS = ("tokens", "examples")
 TIME_METRIC_HELP = (
     "steps: optimizer steps to the target (default); tokens or examples: the "
-    "workload's progress unit to the target; seconds: training seconds to the target"
+    "progress to the target in the workload's unit (tokens for language models, "
+    "examples for image classifiers, whichever is given); "
+    "seconds: training seconds to the target. Only power_trend studies take "
+    "--metric"
 )
 TABLE_METRIC_CHOICES = [
     *TIME_METRIC_CHOICES,
@@ -119,9 +126,13 @@ TABLE_METRIC_CHOICES = [
     "at_best_step",
 ]
 TABLE_METRIC_HELP = (
-    f"{TIME_METRIC_HELP}; final_loss, final_accuracy: the last recorded val/loss or "
-    "val/accuracy; at_best_step: the target metric at the step where the row's "
-    "best power reaches the target"
+    "steps: optimizer steps to the target (default); tokens or examples: the "
+    "progress to the target in the workload's unit (tokens for language models, "
+    "examples for image classifiers, whichever is given); "
+    "seconds: training seconds to the target; final_loss, final_accuracy: the last "
+    "recorded val/loss or val/accuracy; at_best_step: the target metric at the "
+    "step where the row's best power reaches the target. Only power_trend studies "
+    "take --metric"
 )
 
 
@@ -129,7 +140,9 @@ def _add_analysis_options(
     parser: argparse.ArgumentParser, metrics: list[str], metric_help: str
 ) -> None:
     parser.add_argument("--run-id", help="recorded run to read (default: the latest)")
-    parser.add_argument("--metric", choices=metrics, default="steps", help=metric_help)
+    # The default is None rather than steps, so that a --metric given to a
+    # study without times to a target is rejected rather than ignored.
+    parser.add_argument("--metric", choices=metrics, help=metric_help)
     parser.add_argument(
         "--confidence",
         type=float,
@@ -274,11 +287,13 @@ def command_list(args: argparse.Namespace) -> int:
     for name in available_studies():
         spec = load_study(name)
         print(f"{name}: {spec.description.strip()}")
+        width = max(len(scale_name) for scale_name in spec.scales)
         for scale_name, scale in spec.scales.items():
             trials = sum(entry.grid.size() for entry in scale.workloads.values())
             workloads = ", ".join(scale.workloads)
             print(
-                f"  {scale_name:6s} {trials:4d} trials  ({workloads}) {scale.description}"
+                f"  {scale_name:{width}s} {trials:4d} trials  ({workloads}) "
+                f"{scale.description}"
             )
     return 0
 
@@ -429,16 +444,20 @@ def _check_lr_from(args: argparse.Namespace, spec) -> None:
 
     # The rates come from this workspace's stores, so they must exist already;
     # checking here keeps a failed --lr-from from creating empty stores.
+    root = Path(args.workspace).expanduser().resolve()
     try:
-        Workspace.open(
+        workspace = Workspace.open(
             args.workspace, args.tracking_uri, args.optuna_storage, create=False
-        ).require_recorded()
+        )
     except StudyFileError as error:
         raise StudyFileError(
-            f"--lr-from {tuning.name}: {error}. Run `{command_name()} run "
-            f"{tuning.name} --scale {args.scale} --workspace "
-            f"{shlex.quote(args.workspace)}` first"
+            f"--lr-from {tuning.name}: {error}. Run "
+            f"`{_run_command(args, root, tuning.name)}` first"
         ) from None
+    try:
+        _require_recorded_run(args, workspace, tuning.name, tuning.name)
+    except StudyFileError as error:
+        raise StudyFileError(f"--lr-from {tuning.name}: {error}") from None
 
 
 def _learning_rate_transfer(args, spec, workspace: Workspace, client, run_id):
@@ -490,6 +509,7 @@ def _run_or_resume(
         create=not resume,
     )
     if resume:
+        _require_recorded_run(args, workspace, spec.name, args.name)
         workspace.require_recorded()
         workspace.require_writable(f"{command_name()} resume")
     with workspace.run_lock(spec.name, args.scale):
@@ -504,8 +524,10 @@ def _run_or_resume_locked(
     workspace: Workspace,
 ) -> int:
     from study.lr_transfer import apply_transfer
-    from study.runner import find_continuable_run, run_study
+    from study.runner import find_continuable_run, prepare_data, run_study
 
+    # Data that cannot be read stops the command before the stores exist.
+    prepared = prepare_data(spec, args.scale, workspace)
     client = workspace.open_stores()
     run_id = getattr(args, "run_id", None)
     if resume and run_id is None:
@@ -514,9 +536,11 @@ def _run_or_resume_locked(
             raise StudyFileError(
                 f"Workspace {workspace.root} contains no unfinished run of "
                 f"{spec.name} ({args.scale}) that can be continued; start one "
-                f"with `{command_name()} run`"
+                f"with `{_run_command(args, workspace)}`"
             )
-    elif not resume and not args.fresh:
+    elif resume:
+        _check_resumable(args, spec, workspace, client, run_id)
+    elif not args.fresh:
         run_id = find_continuable_run(client, spec.name, args.scale, workspace)
         if run_id is not None:
             print(
@@ -528,27 +552,43 @@ def _run_or_resume_locked(
     if transfer is not None:
         spec = apply_transfer(spec, args.scale, transfer)
         print("\n".join(transfer.describe()))
+    if run_id is not None:
+        _check_settings_unchanged(args, spec, workspace, client, run_id)
 
-    result = run_study(
-        spec,
-        args.scale,
-        workspace,
-        ray_address=args.ray_address,
-        max_concurrent=getattr(args, "max_concurrent", None),
-        resume_run_id=run_id,
-        parent_tags=transfer.tags() if transfer else None,
-    )
+    # The id of the run once it is recorded, for the hint after an interrupt
+    # that Ray Tune did not handle, such as a second Ctrl-C while it stops.
+    recorded = [run_id] if run_id is not None else []
+    try:
+        result = run_study(
+            spec,
+            args.scale,
+            workspace,
+            ray_address=args.ray_address,
+            max_concurrent=getattr(args, "max_concurrent", None),
+            resume_run_id=run_id,
+            parent_tags=transfer.tags() if transfer else None,
+            on_recorded=recorded.append,
+            prepared=prepared,
+        )
+    except KeyboardInterrupt:
+        run_recorded = recorded[-1] if recorded else None
+        print(
+            _interrupted_message(args, spec, workspace, run_recorded, sigterm.received),
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
     counts: dict[str, int] = {}
     for state in result.end_states.values():
         counts[state] = counts.get(state, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     if result.unfinished:
         cause = " by SIGTERM" if sigterm.received else ""
+        resume_command = _resume_command(args, workspace, getattr(args, "run_id", None))
         print(
             f"\nstudy {spec.name} ({args.scale}) stopped{cause} after "
             f"{result.wall_seconds:.0f} s with {len(result.unfinished)} of "
             f"{len(result.plans)} trials unfinished ({summary or 'none finished'}); "
-            f"continue with: {_resume_command(args, workspace)}",
+            f"continue with: {resume_command}",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
@@ -584,21 +624,116 @@ def _run_or_resume_locked(
     return 0
 
 
+def _check_resumable(
+    args: argparse.Namespace, spec, workspace: Workspace, client, run_id: str
+) -> None:
+    """Fail before Ray starts when `study resume --run-id` names a run that is
+    not recorded, is finished, or has no Ray Tune experiment to restore."""
+    from study.recording import find_parent_run
+    from study.runner import is_restorable
+
+    run = f"Run {run_id} of {spec.name} ({args.scale})"
+    parent = find_parent_run(client, spec.name, args.scale, run_id)
+    if parent is None:
+        raise StudyFileError(
+            f"{run} is not recorded in the tracking store of workspace "
+            f"{workspace.root}; continue the latest unfinished run with "
+            f"`{_resume_command(args, workspace)}`"
+        )
+    if parent.info.status == "FINISHED":
+        raise StudyFileError(
+            f"{run} is finished, so there is nothing to resume; analyze it with "
+            f"`{_analyze_command(args, workspace, run_id)}`, or start a new run "
+            f"with `{_run_command(args, workspace, fresh=True)}`"
+        )
+    if not is_restorable(workspace, spec.name, args.scale, run_id):
+        raise StudyFileError(
+            f"{run} has no restorable Ray Tune experiment in "
+            f"{workspace.ray_results}, because it stopped before Tune saved one; "
+            f"start a new run with `{_run_command(args, workspace, fresh=True)}`"
+        )
+
+
+def _interrupted_message(
+    args: argparse.Namespace,
+    spec,
+    workspace: Workspace,
+    run_id: str | None,
+    by_sigterm: bool,
+) -> str:
+    """Return the line printed when Ctrl-C or SIGTERM stopped `study run` or
+    `study resume` in a way that Ray Tune did not handle: before Tune started,
+    or a second time while Tune stopped the trials. `run_id` is the run
+    recorded so far, if any."""
+    from study.runner import is_restorable
+
+    cause = "terminated by SIGTERM" if by_sigterm else "interrupted"
+    stopped = f"study {spec.name} ({args.scale}) {cause}"
+    if run_id is None:
+        start = _run_command(args, workspace, fresh=getattr(args, "fresh", False))
+        return f"{stopped} before its run was recorded; start it again with: {start}"
+    if not is_restorable(workspace, spec.name, args.scale, run_id):
+        start = _run_command(args, workspace, fresh=True)
+        return (
+            f"{stopped} before Ray Tune saved the experiment of run {run_id}, so "
+            f"it cannot be continued; start a new run with: {start}"
+        )
+    resume = _resume_command(args, workspace, getattr(args, "run_id", None))
+    return f"{stopped}; continue with: {resume}"
+
+
+def _check_settings_unchanged(
+    args: argparse.Namespace, spec, workspace: Workspace, client, run_id: str
+) -> None:
+    """Stop before run `run_id` continues when the study file now trains
+    differently from how the run started, because its trials would keep their
+    recorded settings while the analysis read the new ones."""
+    from study.runner import changed_settings
+
+    changes = changed_settings(client, spec.name, args.scale, run_id, spec)
+    if not changes:
+        return
+    shown = "; ".join(changes[:5])
+    if len(changes) > 5:
+        shown += f"; and {len(changes) - 5} more"
+    words = ["run", args.name, "--scale", args.scale, "--fresh"]
+    fresh = f"{command_name()} {shlex.join(words + _store_words(args, workspace))}"
+    raise StudyFileError(
+        f"The {args.scale} scale of {spec.name} changed since run {run_id} "
+        f"started ({shown}), and a continued run keeps its recorded settings; "
+        f"restore those values to continue it, or start a new run with `{fresh}`"
+    )
+
+
 def _hide_password(uri: str) -> str:
     """Replace the password of a URI such as scheme://user:password@host with ***."""
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", uri)
 
 
-def _store_words(args: argparse.Namespace, workspace: Workspace) -> list[str]:
-    """Return the options that name this command's workspace and stores, for a
-    hint that reads the same run."""
-    words = ["--workspace", str(workspace.root)]
+def _store_words(args: argparse.Namespace, workspace: Workspace | Path) -> list[str]:
+    """Return the options that name this command's workspace (a Workspace, or
+    its resolved folder) and stores, for a hint that reads the same run."""
+    root = workspace.root if isinstance(workspace, Workspace) else workspace
+    words = ["--workspace", str(root)]
     for option, value in (
         ("--tracking-uri", args.tracking_uri),
         ("--optuna-storage", args.optuna_storage),
     ):
         if value:
             words += [option, _hide_password(value)]
+    return words
+
+
+def _training_words(args: argparse.Namespace) -> list[str]:
+    """Return this command's --ray-address and a non-default --data-cache, for
+    a hint that trains again."""
+    words = []
+    ray_address = getattr(args, "ray_address", None)
+    if ray_address:
+        words += ["--ray-address", ray_address]
+    data_cache = getattr(args, "data_cache", None)
+    if data_cache and Path(data_cache).expanduser() != DEFAULT_DATA_CACHE.expanduser():
+        words += ["--data-cache", data_cache]
     return words
 
 
@@ -610,13 +745,68 @@ def _resume_command(
     words += _store_words(args, workspace)
     if run_id is not None:
         words += ["--run-id", run_id]
-    ray_address = getattr(args, "ray_address", None)
-    if ray_address:
-        words += ["--ray-address", ray_address]
-    data_cache = getattr(args, "data_cache", None)
-    if data_cache and Path(data_cache).expanduser() != DEFAULT_DATA_CACHE.expanduser():
-        words += ["--data-cache", data_cache]
+    words += _training_words(args)
     return f"{command_name()} {shlex.join(words)}"
+
+
+def _run_command(
+    args: argparse.Namespace,
+    workspace: Workspace | Path,
+    name: str | None = None,
+    fresh: bool = False,
+) -> str:
+    """Return the `study run` command line that starts a run of study `name`
+    (default: this command's study) at this command's scale and stores."""
+    words = ["run", name or args.name, "--scale", args.scale]
+    words += _store_words(args, workspace)
+    words += _training_words(args)
+    if fresh:
+        words.append("--fresh")
+    return f"{command_name()} {shlex.join(words)}"
+
+
+def _analyze_command(
+    args: argparse.Namespace, workspace: Workspace, run_id: str
+) -> str:
+    """Return the `study analyze` command line that reads run `run_id`."""
+    words = ["analyze", args.name, "--scale", args.scale]
+    words += _store_words(args, workspace)
+    words += ["--run-id", run_id]
+    return f"{command_name()} {shlex.join(words)}"
+
+
+def _require_recorded_run(
+    args: argparse.Namespace, workspace: Workspace, study: str, name: str
+) -> None:
+    """Fail, creating nothing, when the workspace contains no recorded run of
+    study `study` (named `name` on the command line) at this scale, with the
+    `study run` command that records one."""
+    import optuna
+
+    start = _run_command(args, workspace, name)
+    for uri in (workspace.tracking_uri, workspace.optuna_storage):
+        if not uri.startswith("sqlite:///"):
+            continue
+        path = Path(uri[len("sqlite:///") :])
+        if not path.exists():
+            raise StudyFileError(
+                f"Workspace {workspace.root} contains no recorded runs ({path} does "
+                f"not exist); start one with `{start}`, or pass the --workspace "
+                "that a run wrote to"
+            )
+    summaries = optuna.get_all_study_summaries(
+        workspace.optuna_storage, include_best_trial=False
+    )
+    if not any(
+        summary.user_attrs.get("study") == study
+        and summary.user_attrs.get("scale") == args.scale
+        for summary in summaries
+    ):
+        raise StudyFileError(
+            f"Workspace {workspace.root} contains no recorded run of {study} "
+            f"({args.scale}); start one with `{start}`, or pass the --scale and "
+            "--workspace that a run used"
+        )
 
 
 def _ui_command(args: argparse.Namespace, workspace: Workspace) -> str:
@@ -638,8 +828,7 @@ def _print_failed_trials(
         "`error` tag of each trial's MLflow run and the `error` attribute of its "
         f"Optuna trial; in `{_ui_command(args, workspace)}` filter the runs with "
         "tags.end_state = 'failed'. After fixing the cause, run the study again "
-        f"with `{command_name()} run {shlex.quote(args.name)} --scale {args.scale} "
-        f"--workspace {shlex.quote(str(workspace.root))} --fresh`",
+        f"with `{_run_command(args, workspace, fresh=True)}`",
         file=sys.stderr,
     )
 
@@ -785,8 +974,9 @@ def _run_or_resume_until_stopped(args: argparse.Namespace, resume: bool) -> int:
     return code
 
 
-def _check_train_overrides(args: argparse.Namespace) -> None:
-    """Reject invalid single-trial values before any data is prepared."""
+def _check_train_overrides(args: argparse.Namespace, label: str, entry) -> None:
+    """Reject invalid single-trial values, alone or with the settings of workload
+    `label` (`entry`), before any data is prepared."""
     import math
 
     if args.power is not None and not (math.isfinite(args.power) and args.power > 0):
@@ -803,6 +993,32 @@ def _check_train_overrides(args: argparse.Namespace) -> None:
         )
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise StudyFileError(f"--seed {args.seed} is invalid; use 0 to 2**32 - 1")
+    if args.batch_size is None:
+        return
+
+    micro = entry.train.micro_batch_size
+    if micro is not None and args.batch_size % micro != 0:
+        raise StudyFileError(
+            f"--batch-size {args.batch_size} is not a multiple of workload {label}'s "
+            f"train.micro_batch_size {micro}. Pass a multiple of {micro}, such as "
+            f"{micro * max(1, round(args.batch_size / micro))}, or change "
+            "train.micro_batch_size in the study file"
+        )
+    rates = entry.grid.lr_max
+    if isinstance(rates, dict) and args.lr_max is None and args.batch_size not in rates:
+        raise StudyFileError(
+            f"--batch-size {args.batch_size} has no learning rate in workload "
+            f"{label}'s grid.lr_max, which lists batch sizes {sorted(rates)}. Pass "
+            "--lr-max, or one of those batch sizes"
+        )
+    budget = step_budget(label, entry, args.batch_size)
+    if entry.train.warmup_steps > budget:
+        raise StudyFileError(
+            f"--batch-size {args.batch_size} gives workload {label} a budget of "
+            f"{budget} steps, fewer than its train.warmup_steps "
+            f"{entry.train.warmup_steps}. Pass a smaller --batch-size, or lower "
+            "train.warmup_steps in the study file"
+        )
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -825,7 +1041,8 @@ def command_train(args: argparse.Namespace) -> int:
             f"Workload {label!r} is not in scale {args.scale}; choose one of "
             f"{sorted(scale.workloads)}"
         )
-    _check_train_overrides(args)
+    entry = scale.workloads[label]
+    _check_train_overrides(args, label, entry)
     check_data_cache_writable(args.data_cache)
     workspace = Workspace.open(Path.cwd(), data_cache=args.data_cache, create=False)
     prepared = prepare_data(spec, args.scale, workspace, labels=[label])
@@ -836,6 +1053,12 @@ def command_train(args: argparse.Namespace) -> int:
         "lr_max": args.lr_max,
         "seed": args.seed,
     }
+    if args.batch_size is not None:
+        # An epoch budget gives each batch size its own step count.
+        overrides["step_budget"] = step_budget(label, entry, args.batch_size)
+        if args.lr_max is None and isinstance(entry.grid.lr_max, dict):
+            # The first plan's rate belongs to the grid's first batch size.
+            overrides["lr_max"] = entry.grid.lr_max[args.batch_size][0]
     config = TrialConfig.from_dict(
         {**plan.config, **{k: v for k, v in overrides.items() if v is not None}}
     )
@@ -861,6 +1084,7 @@ def _open_recorded_workspace(
     workspace = Workspace.open(
         args.workspace, args.tracking_uri, args.optuna_storage, create=False
     )
+    _require_recorded_run(args, workspace, spec.name, args.name)
     workspace.require_recorded()
     if writes is not None:
         workspace.require_writable(writes)
@@ -918,6 +1142,7 @@ def command_analyze(args: argparse.Namespace) -> int:
 
     spec = load_study(args.name)
     if _analysis_kind(spec) != "power_trend":
+        _reject_table_options(args, spec)
         # These analyses also write their tables under exports/.
         workspace = _open_recorded_workspace(args, spec, f"{command_name()} analyze")
         _analyze_final_states(workspace, spec, args.scale, args.run_id)
@@ -926,6 +1151,7 @@ def command_analyze(args: argparse.Namespace) -> int:
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
+    _note_progress_unit(args, analyses)
     print("\n".join(summary_text(analysis) for analysis in analyses), end="")
     return 0
 
@@ -955,9 +1181,10 @@ def command_export(args: argparse.Namespace) -> int:
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
-    metric = "tokens" if args.metric == "examples" else args.metric
+    _note_progress_unit(args, analyses)
     client = _mlflow_client(workspace)
     for analysis in analyses:
+        metric = _table_metric(args, analysis)
         table = build_table(analysis, metric, args.spread)
         print(f"\n{table.title}\n{to_markdown(table)}", end="")
         paths = export_tables(
@@ -973,6 +1200,57 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The metric in the tables of each analysis kind without times to a target.
+FINAL_STATE_TABLES = {
+    "compare": "the final validation loss",
+    "lr_tune": "the final validation loss per lr_max",
+    "toy_noise": "the toy model's update size",
+}
+
+
+def _reject_table_options(args: argparse.Namespace, spec) -> None:
+    """Reject --metric and --spread for a toy, compare or lr_tune study, whose
+    tables each show one fixed metric."""
+    kind = _analysis_kind(spec)
+    table_metric = FINAL_STATE_TABLES[kind]
+    if args.metric is not None:
+        raise StudyFileError(
+            f"--metric {args.metric} is invalid for {spec.name}: a {kind} study "
+            f"compares final states, and its tables always show {table_metric}. "
+            "Leave out --metric, which chooses among the tables of power_trend "
+            "studies only"
+        )
+    if getattr(args, "spread", False):
+        raise StudyFileError(
+            f"--spread is invalid for {spec.name}: a {kind} study compares final "
+            "states. Leave out --spread, which changes the tables of power_trend "
+            "studies only"
+        )
+
+
+def _table_metric(args: argparse.Namespace, analysis) -> str:
+    """Return the table metric of --metric for one workload: tokens and
+    examples both name the progress to the target, in the workload's own unit."""
+    if args.metric in PROGRESS_METRICS:
+        return analysis.run.progress_unit
+    return args.metric or "steps"
+
+
+def _note_progress_unit(args: argparse.Namespace, analyses) -> None:
+    """Print a note for each workload whose progress unit is not the one that
+    --metric names, because its table shows its own unit instead."""
+    if args.metric not in PROGRESS_METRICS:
+        return
+    for analysis in analyses:
+        run = analysis.run
+        if run.progress_unit != args.metric:
+            print(
+                f"note: workload {run.label} counts its progress in "
+                f"{run.progress_unit}, not {args.metric}, so its table shows "
+                f"{run.progress_unit} to the target"
+            )
+
+
 def _export_final_states(
     args: argparse.Namespace, spec, workspace: Workspace, report: bool
 ) -> int:
@@ -981,11 +1259,7 @@ def _export_final_states(
     they describe. Raises StudyFileError for options that such a study lacks."""
     kind = _analysis_kind(spec)
     handler = _final_state_analysis(kind)
-    if args.metric != "steps" or getattr(args, "spread", False):
-        raise StudyFileError(
-            f"--metric and --spread choose among times to a target, but {spec.name} "
-            f"({kind}) compares final states; run it without them"
-        )
+    _reject_table_options(args, spec)
     formats = tuple(getattr(args, "format", None) or handler.formats)
     if "html" in formats:
         report = True
@@ -1026,6 +1300,7 @@ def command_report(args: argparse.Namespace) -> int:
     analyses = _load_analyses(
         workspace, spec.name, args.scale, args.run_id, _analysis_options(args)
     )
+    _note_progress_unit(args, analyses)
     _write_report(analyses, workspace, _mlflow_client(workspace))
     return 0
 

@@ -275,7 +275,10 @@ def _trial_rows(attrs: dict, optuna_study: optuna.Study) -> list[dict]:
                 "schedule": attrs.get("schedule"),
                 "model": json.dumps(_json_attribute(attrs.get("model"), "model", name)),
                 "data": json.dumps(_json_attribute(attrs.get("data"), "data", name)),
-                "budget_steps": attrs.get("budget_steps"),
+                # The trial's own step budget; older runs stored only the entry's.
+                "budget_steps": trial_attrs.get(
+                    "step_budget", attrs.get("budget_steps")
+                ),
                 "batch_size": trial.params.get("batch_size"),
                 "power": _float_or_nan(trial.params.get("power")),
                 "lr_max": _float_or_nan(trial.params.get("lr_max")),

@@ -18,9 +18,16 @@ from study.analysis import EXCLUDED_STATES, TIE_BREAK_RULE, PowerAnalysis
 
 logger = logging.getLogger(__name__)
 
-# Table metrics. A time to target needs an analysis with the same time metric.
-# The other metrics read the recorded values of the trials.
-TIME_TABLE_METRICS = {"steps": "steps", "tokens": "progress", "seconds": "seconds"}
+# Table metrics. A time to target needs an analysis with the same time metric,
+# and `tokens` or `examples` a workload whose progress unit it names. The
+# other metrics read the recorded values of the trials.
+PROGRESS_TABLE_METRICS = ("tokens", "examples")
+TIME_TABLE_METRICS = {
+    "steps": "steps",
+    "tokens": "progress",
+    "examples": "progress",
+    "seconds": "seconds",
+}
 VALUE_TABLE_METRICS = ("final_loss", "final_accuracy", "at_best_step")
 TABLE_METRICS = (*TIME_TABLE_METRICS, *VALUE_TABLE_METRICS)
 FORMATS = {"md": ".md", "csv": ".csv", "latex": ".tex", "html": ".html"}
@@ -70,7 +77,7 @@ class PowerTable:
 
 
 def _format_number(value: float, metric: str) -> str:
-    if metric in ("steps", "tokens"):
+    if metric in ("steps", *PROGRESS_TABLE_METRICS):
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
     if metric == "seconds":
         return f"{value:.3g}"
@@ -96,7 +103,7 @@ def _time_cells(analysis: PowerAnalysis, metric: str, spread: bool) -> dict:
         elif row.state == "censored" and not math.isnan(row.bound):
             cell = Cell(f">{_format_number(row.bound, metric)}", "censored")
         elif row.state == "censored":
-            cell = Cell(f">{analysis.run.budget_steps} steps", "censored")
+            cell = Cell(f">{analysis.run.budget_text}", "censored")
         else:
             cell = Cell(row.state, row.state)
         cells.setdefault(int(row.batch_size), {})[float(row.power)] = cell
@@ -175,8 +182,11 @@ def _title(analysis: PowerAnalysis, metric: str) -> str:
 
 
 def power_table_metric(analysis: PowerAnalysis) -> str:
-    """Return the table metric that matches the analysis' time metric."""
-    return {"progress": "tokens"}.get(analysis.options.metric, analysis.options.metric)
+    """Return the table metric that matches the analysis' time metric: for
+    `progress`, the workload's unit (tokens or examples)."""
+    if analysis.options.metric == "progress":
+        return analysis.run.progress_unit
+    return analysis.options.metric
 
 
 def build_table(
@@ -184,8 +194,9 @@ def build_table(
 ) -> PowerTable:
     """Build the batch size x power table of one workload for one metric.
 
-    A time metric must match the analysis: `tokens` (the workload's tokens
-    or examples) needs an analysis with metric `progress`. With `spread`, a
+    A time metric must match the analysis: `tokens` or `examples` needs an
+    analysis with metric `progress` of a workload with that progress unit
+    (raises ValueError otherwise). With `spread`, a
     cell with 2+ seeds shows `median ± sd` of its seeds. The bold cell of a
     row is the best power of the analysis for a time metric, else the row's
     lowest loss or highest accuracy.
@@ -202,6 +213,12 @@ def build_table(
                 f"table metric {metric!r} needs an analysis with metric {expected!r}, "
                 f"got {analysis.options.metric!r}"
             )
+        unit = analysis.run.progress_unit
+        if metric in PROGRESS_TABLE_METRICS and metric != unit:
+            raise ValueError(
+                f"table metric {metric!r} does not fit workload {analysis.run.label}, "
+                f"which counts its progress in {unit}; use {unit!r}"
+            )
         cells = _time_cells(analysis, metric, spread)
         best = {
             int(row.batch_size): None if math.isnan(row.best_power) else row.best_power
@@ -213,7 +230,7 @@ def build_table(
         footnotes.append(
             f"Cells are the {unit} to the target: the median over seeds, at the "
             f"lr_max with the lowest median. '>x': censored, the budget of "
-            f"{analysis.run.budget_steps} steps ran out first and x is a lower "
+            f"{analysis.run.budget_text} ran out first and x is a lower "
             f"bound. Bold: the best power of the row; {TIE_BREAK_RULE}."
         )
     elif metric == "at_best_step":
@@ -492,7 +509,7 @@ def summary_text(analysis: PowerAnalysis) -> str:
     relation = "<=" if run.target_mode == "min" else ">="
     heading = (
         f"{run.label} ({run.workload}): {analysis.time_unit} to {run.target_metric} "
-        f"{relation} {run.target_value:g}, budget {run.budget_steps} steps, "
+        f"{relation} {run.target_value:g}, budget {run.budget_text}, "
         f"run {run.run_id}"
     )
     table = build_table(analysis, power_table_metric(analysis))

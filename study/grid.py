@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from study.spec import Scale, ToyNoiseStudy, WorkloadStudy
+from study.spec import Scale, ToyNoiseStudy, WorkloadStudy, step_budget
 from trainers.config import TrialConfig
 
 
@@ -40,6 +40,7 @@ def _trial_config(
     fault = entry.fault_injection
     if fault is not None and all(params[k] == v for k, v in fault.only.items()):
         train["inject_nan_loss_at_step"] = fault.nan_loss_at_step
+        train["inject_error_at_step"] = fault.error_at_step
     target: dict[str, Any] = {"target_value": None}
     if entry.target is not None:
         target = {
@@ -52,7 +53,8 @@ def _trial_config(
         model=dict(entry.model),
         data=data,
         **target,
-        step_budget=entry.budget.steps,
+        # An epoch budget gives each batch size its own step count.
+        step_budget=step_budget(label, entry, params["batch_size"]),
         eval_every_steps=entry.eval_every_steps,
         checkpoint_every_steps=entry.checkpoint_every_steps,
         threads=max(1, int(entry.resources.cpu)),
@@ -69,6 +71,7 @@ def _study_attrs(label: str, entry: WorkloadStudy, analysis: str) -> dict[str, A
         "optimizer": entry.train.optimizer,
         "blockwise_lr": entry.train.blockwise_lr,
         "schedule": entry.train.schedule,
+        "budget_epochs": entry.budget.epochs,
         "model": json.dumps(entry.model, sort_keys=True),
         "data": json.dumps(entry.data, sort_keys=True),
     }

@@ -9,6 +9,7 @@ when it connects, so a resumed or retried study records each trial once.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -23,12 +24,17 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from study.grid import TrialPlan
+from study.spec import WORKLOAD_SETTINGS
 
 logger = logging.getLogger(__name__)
 
 # `complete` ends a trial that has no target: a toy-model simulation, or a
 # training run that used its whole budget for a final-loss comparison.
 END_STATES = ("reached", "censored", "diverged", "failed", "complete")
+# The end_state tag of a child run whose trial is training, and of one whose
+# trial a stopped driver left for `study resume` (its run status is KILLED).
+RUNNING_STATE = "running"
+UNFINISHED_STATE = "unfinished"
 # Numeric end-of-trial values copied from the last result into the records.
 SUMMARY_KEYS = (
     "step",
@@ -45,16 +51,14 @@ FLUSH_EVERY_METRICS = 200
 # MLflow caps one log_batch call at 1000 metrics.
 MLFLOW_BATCH_LIMIT = 1000
 LOCK_RETRIES = 8
-# Fixed settings copied into each child run's params, besides the grid axes.
-LOGGED_SETTINGS = (
-    "schedule",
-    "warmup_steps",
-    "step_budget",
-    "weight_decay",
-    "optimizer",
-    "steps",
-    "replicates",
-)
+# Trial settings left out of a child run's params, because they decide where
+# and how often a trial runs or saves, not what it trains. `threads` follows
+# the workload's resources, which may change before a run is continued.
+UNLOGGED_SETTINGS = frozenset({"threads", "device", "checkpoint_every_steps"})
+# MLflow 3.17 rejects a param value longer than 6000 characters and a
+# log_batch call with more than 100 params.
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_PARAMS_PER_BATCH = 100
 
 Result = TypeVar("Result")
 
@@ -104,6 +108,8 @@ class TrialRecord:
     mlflow_done: bool = False
     optuna_done: bool = False
     end_state: str | None = None
+    mlflow_status: str = "RUNNING"
+    """The child run's MLflow status as last written or read back."""
 
     @property
     def finished(self) -> bool:
@@ -191,6 +197,56 @@ def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> di
     return summary
 
 
+def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
+    """Add `value` to `into` under `prefix`, a dict's items as `prefix.key`."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, into)
+    else:
+        into[prefix] = value
+
+
+def _param_text(value: Any) -> str:
+    """Return a param value as MLflow stores it: lists as JSON, the rest as str."""
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    if len(text) > MAX_PARAM_VALUE_CHARS:
+        text = text[: MAX_PARAM_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def trial_params(plan: TrialPlan) -> dict[str, str]:
+    """Return the MLflow params of a trial's child run: its grid point and every
+    setting that decides what it trains.
+
+    `model` and `data` settings are flattened to `model.KEY` and `data.KEY`.
+    The data settings are the study file's, filled with the workload's
+    defaults, and not the prepared ones, which name the data cache: that may
+    move before the run is continued, and MLflow rejects a changed param.
+    """
+    config = plan.config
+    logged: dict[str, Any] = {**plan.params, "label": plan.label}
+    for name, value in config.items():
+        if name in UNLOGGED_SETTINGS or name in ("model", "data"):
+            continue
+        logged[name] = value
+    if "model" in config:
+        logged["model_preset"] = config["model"].get("preset", "default")
+        _flatten("model", config["model"], logged)
+    if "data" in config:
+        data = json.loads(plan.study_attrs.get("data", "{}"))
+        settings = WORKLOAD_SETTINGS.get(config["workload"])
+        defaults = settings[2] if settings else {}
+        _flatten("data", {**defaults, **data}, logged)
+    return {name: _param_text(value) for name, value in logged.items()}
+
+
+def _step_budget_attr(config: dict[str, Any]) -> dict[str, int]:
+    """Return the trial's step budget as an Optuna attribute, or none for a toy trial."""
+    if "step_budget" not in config:
+        return {}
+    return {"step_budget": int(config["step_budget"])}
+
+
 class StudyRecorder:
     """Writes one MLflow child run and one Optuna trial per grid point.
 
@@ -263,7 +319,13 @@ class StudyRecorder:
                     attributes["target_metric"] = config["target_metric"]
                     attributes["target_value"] = config["target_value"]
                     attributes["target_mode"] = config["target_mode"]
-                attributes["budget_steps"] = config["step_budget"]
+                # Under an epoch budget each batch size has its own step budget,
+                # so the entry records the largest and each trial its own.
+                attributes["budget_steps"] = max(
+                    plan.config["step_budget"]
+                    for plan in self.plans.values()
+                    if plan.label == label
+                )
                 attributes.update(entry_attrs)
             for key, value in attributes.items():
                 if study.user_attrs.get(key) != value:
@@ -284,6 +346,7 @@ class StudyRecorder:
                 continue
             record = TrialRecord(mlflow_run.info.run_id)
             record.end_state = mlflow_run.data.tags.get("end_state")
+            record.mlflow_status = mlflow_run.info.status
             record.mlflow_done = record.end_state in END_STATES
             if not record.mlflow_done:
                 history = self.client.get_metric_history(
@@ -316,8 +379,18 @@ class StudyRecorder:
         }
 
     def start(self, key: str) -> None:
+        """Create the trial's child run, or mark a stopped one RUNNING again."""
         self.connect()
-        if key in self.records:
+        record = self.records.get(key)
+        if record is not None:
+            if not record.mlflow_done and record.mlflow_status != "RUNNING":
+                retry_when_locked(self.client.update_run)(
+                    record.mlflow_run_id, status="RUNNING"
+                )
+                retry_when_locked(self.client.set_tag)(
+                    record.mlflow_run_id, "end_state", RUNNING_STATE
+                )
+                record.mlflow_status = "RUNNING"
             return
         plan = self.plans[key]
         run_name = plan.key.replace("/", " ")
@@ -329,25 +402,17 @@ class StudyRecorder:
             "study_run_id": self.run.run_id,
             "workload": plan.config["workload"],
             "label": plan.label,
-            "end_state": "running",
+            "end_state": RUNNING_STATE,
         }
         mlflow_run = retry_when_locked(self.client.create_run)(
             self.experiment_id, run_name=run_name, tags=tags
         )
         run_id = mlflow_run.info.run_id
-        logged = {
-            **plan.params,
-            "workload": plan.config["workload"],
-            "label": plan.label,
-        }
-        for name in LOGGED_SETTINGS:
-            if name in plan.config:
-                logged[name] = plan.config[name]
-        if "model" in plan.config:
-            logged["model_preset"] = plan.config["model"].get("preset", "default")
-        retry_when_locked(self.client.log_batch)(
-            run_id, params=[Param(k, str(v)) for k, v in logged.items()]
-        )
+        params = [Param(name, value) for name, value in trial_params(plan).items()]
+        for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            retry_when_locked(self.client.log_batch)(
+                run_id, params=params[start : start + MAX_PARAMS_PER_BATCH]
+            )
         self.records[key] = TrialRecord(run_id)
 
     def result(self, key: str, result: dict[str, Any]) -> None:
@@ -433,6 +498,7 @@ class StudyRecorder:
             retry_when_locked(self.client.set_terminated)(
                 record.mlflow_run_id, RunStatus.to_string(status)
             )
+            record.mlflow_status = RunStatus.to_string(status)
             record.mlflow_done = True
         record.end_state = state
         record.last_result = {**result, "end_state": state}
@@ -450,9 +516,35 @@ class StudyRecorder:
             distributions=self._distributions(plan.label),
             value=_objective_value(state, summary),
             state=optuna_state,
-            user_attrs={**summary, "mlflow_run_id": self.records[key].mlflow_run_id},
+            user_attrs={
+                **summary,
+                **_step_budget_attr(plan.config),
+                "mlflow_run_id": self.records[key].mlflow_run_id,
+            },
         )
         retry_when_locked(self.optuna_studies[plan.label].add_trial)(trial)
+
+    def stop_unfinished(self) -> list[str]:
+        """Mark the child runs of unfinished trials KILLED, with end_state
+        `unfinished`, so that the MLflow UI does not show them as training.
+
+        `start` marks them RUNNING again when `study resume` continues them.
+        Return the keys of the trials marked.
+        """
+        self.connect()
+        stopped = []
+        for key, record in self.records.items():
+            if record.mlflow_done or record.mlflow_status != "RUNNING":
+                continue
+            retry_when_locked(self.client.set_tag)(
+                record.mlflow_run_id, "end_state", UNFINISHED_STATE
+            )
+            retry_when_locked(self.client.set_terminated)(
+                record.mlflow_run_id, RunStatus.to_string(RunStatus.KILLED)
+            )
+            record.mlflow_status = RunStatus.to_string(RunStatus.KILLED)
+            stopped.append(key)
+        return stopped
 
     def unfinished_keys(self) -> list[str]:
         self.connect()

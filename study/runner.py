@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -11,7 +12,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,13 @@ class Progress:
         self.done.update(end_states)
 
     def started(self, key: str) -> None:
-        self.running.add(key)
+        # Tune trains a trial again when a killed driver recorded its end before
+        # Tune saved it. Such a trial stays counted as done.
+        if key not in self.done:
+            self.running.add(key)
+
+    def stopped(self, key: str) -> None:
+        self.running.discard(key)
 
     def finished(self, plan: TrialPlan, state: str, result: dict[str, Any]) -> None:
         self.running.discard(plan.key)
@@ -232,11 +239,11 @@ class RecordingCallback(tune.Callback):
         self.recorder.flush(self._key(trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self.progress.running.discard(self._key(trial))
+        self.progress.stopped(self._key(trial))
         logger.warning(
             "trial %s crashed; retrying from its latest checkpoint:\n%s",
             self._key(trial),
-            trial.get_error(),
+            _trial_error(trial),
         )
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -251,7 +258,7 @@ class RecordingCallback(tune.Callback):
                 self.recorder.finish(
                     key,
                     errored=errored,
-                    error=str(trial.get_error()) if errored else None,
+                    error=_trial_error(trial) if errored else None,
                     last_result=dict(trial.last_result or {}),
                 )
 
@@ -260,12 +267,13 @@ class RecordingCallback(tune.Callback):
         # Tune reports again the trials that an earlier process of this run
         # finished; the progress counts them already.
         recorded_before = key not in self.recorder.unfinished_keys()
-        error = str(trial.get_error()) if errored else None
+        error = _trial_error(trial) if errored else None
         state = self.recorder.finish(key, errored=errored, error=error)
         if errored and error:
             logger.warning("trial %s failed:\n%s", key, error)
+        if state is None or recorded_before:
+            self.progress.stopped(key)
         if state is None:
-            self.progress.running.discard(key)
             logger.warning(
                 "trial %s stopped before its end; it stays unfinished for "
                 "`study resume`",
@@ -281,6 +289,24 @@ class RecordingCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, errored=True)
+
+
+def _trial_error(trial) -> str:
+    """Return the traceback of a trial's latest error.
+
+    Ray Tune 2.60 writes it to the trial's local folder and copies it to the
+    experiment's storage later; `Trial.get_error` reads only the copy, which
+    does not exist yet when `on_trial_error` runs.
+    """
+    local_file = trial.error_file
+    if local_file and os.path.isfile(local_file):
+        text = Path(local_file).read_text(errors="replace").strip()
+        if text:
+            return text
+    stored = trial.get_error()
+    if stored:
+        return str(stored).strip()
+    return "unknown error: Ray Tune kept no error file for this trial"
 
 
 @dataclass
@@ -527,6 +553,83 @@ def _parent_run_id(client: MlflowClient, run: RunInfo) -> str:
     return parent.info.run_id
 
 
+# Settings that may change between the start of a run and its continuation,
+# because they decide where and how fast trials run, not what they train.
+_SCALE_SETTINGS_FREE_TO_CHANGE = {
+    "description",
+    "max_concurrent_trials",
+    "max_failures",
+    "keep_checkpoints",
+}
+_ENTRY_SETTINGS_FREE_TO_CHANGE = {"resources"}
+
+
+def _training_settings(scale_dump: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a scale's settings to dotted keys, leaving out those that
+    `_SCALE_SETTINGS_FREE_TO_CHANGE` and `_ENTRY_SETTINGS_FREE_TO_CHANGE` name."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    for key, value in scale_dump.items():
+        if key in _SCALE_SETTINGS_FREE_TO_CHANGE:
+            continue
+        if key != "workloads":
+            walk(key, value)
+            continue
+        for label, entry in value.items():
+            kept = {
+                name: item
+                for name, item in entry.items()
+                if name not in _ENTRY_SETTINGS_FREE_TO_CHANGE
+            }
+            walk(f"workloads.{label}", kept)
+    return flat
+
+
+def changed_settings(
+    client: MlflowClient, study: str, scale_name: str, run_id: str, spec: StudySpec
+) -> list[str]:
+    """Return the training settings of `spec`'s scale that differ from those
+    that run `run_id` recorded when it started, as `key: old -> new` lines.
+
+    A setting that the recorded run lacks is left out: it was added to the
+    study files after the run started. An empty list also comes back when the
+    run recorded no settings.
+    """
+    parent = find_parent_run(client, study, scale_name, run_id)
+    if parent is None:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(
+                parent.info.run_id, "metadata.json", folder
+            )
+        except Exception:  # noqa: BLE001 - MLflow raises several types here
+            logger.warning(
+                "run %s has no readable metadata.json, so its settings are not "
+                "compared with the study file",
+                run_id,
+            )
+            return []
+        recorded_config = json.loads(Path(path).read_text()).get("config")
+    if not isinstance(recorded_config, dict):
+        return []
+    recorded = _training_settings(recorded_config)
+    current = _training_settings(spec.scale(scale_name).model_dump(mode="json"))
+    changes = []
+    for key, old in recorded.items():
+        new = current.get(key, "(not set)")
+        if new != old:
+            changes.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return changes
+
+
 def _create_parent_run(
     client: MlflowClient,
     experiment_id: str,
@@ -564,13 +667,18 @@ def run_study(
     max_concurrent: int | None = None,
     resume_run_id: str | None = None,
     parent_tags: dict[str, str] | None = None,
+    on_recorded: Callable[[str], None] | None = None,
+    prepared: dict[str, dict] | None = None,
 ) -> StudyRun:
     """Run every trial of one scale under Ray Tune and record them all.
 
     With `resume_run_id`, continue that run's Tune experiment instead:
     finished trials are kept, unfinished and errored ones continue from their
     latest checkpoint, and never-started ones start. `parent_tags` are added
-    to a new run's MLflow parent run.
+    to a new run's MLflow parent run. `on_recorded` is called with the run id
+    once the run's MLflow parent run exists, so that a caller interrupted
+    later can name the run to continue. `prepared` is what `prepare_data`
+    returned for this spec and scale, when the caller prepared the data.
     """
     started = time.perf_counter()
     scale = spec.scale(scale_name)
@@ -581,7 +689,8 @@ def run_study(
             f"Run {resume_run_id} has no restorable Ray Tune experiment at "
             f"{experiment_path}; start a new run with `{command_name()} run --fresh`"
         )
-    prepared = prepare_data(spec, scale_name, workspace)
+    if prepared is None:
+        prepared = prepare_data(spec, scale_name, workspace)
     plans = expand(scale, prepared, spec.analysis)
     units = {
         label: progress_unit(label, entry) for label, entry in scale.workloads.items()
@@ -613,6 +722,8 @@ def run_study(
             parent_run_id = _create_parent_run(
                 client, experiment_id, run, plans, scale, workspace, parent_tags
             )
+        if on_recorded is not None:
+            on_recorded(run.run_id)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         recorder = StudyRecorder(
             workspace.tracking_uri,
@@ -695,6 +806,7 @@ def run_study(
         unfinished = final.unfinished_keys()
         if status == RunStatus.FINISHED and unfinished:
             status = RunStatus.KILLED
+        final.stop_unfinished()
         client.set_terminated(parent_run_id, RunStatus.to_string(status))
         if started_ray:
             ray.shutdown()

@@ -26,7 +26,11 @@ from trainers import tables as workload_tables
 from trainers.schedules import SCHEDULES
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-SCALES = ("smoke", "cpu", "paper")
+# Scale names a study file may use. `paper_large_batch` is optional, and
+# batch_power_grid uses it for ResNet-34 at batch sizes above the GradPower
+# paper's 32 to 128.
+ScaleName = Literal["smoke", "cpu", "paper", "paper_large_batch"]
+SCALES: tuple[str, ...] = get_args(ScaleName)
 # What a study's analysis measures. `power_trend` compares optimizer steps to a
 # target between powers; `compare` and `lr_tune` train every trial for its
 # whole budget and compare final validation losses.
@@ -279,8 +283,120 @@ class Target(Strict):
 
 
 class Budget(Strict):
-    steps: int = Field(gt=0)
-    """Optimizer steps after which an unfinished trial ends as censored."""
+    """Training length after which an unfinished trial ends as censored:
+    `steps` optimizer steps or `epochs` passes over the training set. Exactly
+    one of the two is set."""
+
+    steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps, the same for every batch size."""
+    epochs: int | None = Field(default=None, gt=0)
+    """Passes over the training set, ceil(epochs x train_examples / batch_size)
+    steps per trial, so that every batch size trains on the same number of
+    examples.
+    Vision entries only, because their training-set size is known before
+    trials start."""
+
+    @model_validator(mode="after")
+    def _check_one_budget(self) -> Budget:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"budget sets both steps {self.steps} and epochs {self.epochs}; "
+                "keep one of them"
+            )
+        if self.steps is None and self.epochs is None:
+            raise ValueError(
+                "budget sets neither steps nor epochs; add `steps: N` (optimizer "
+                "steps) or, for a vision entry, `epochs: N`"
+            )
+        return self
+
+    def steps_for(self, batch_size: int, train_examples: int | None) -> int:
+        """Return the step budget of a trial with this batch size.
+
+        `train_examples` is the training-set size, which an epoch budget needs.
+        """
+        if self.steps is not None:
+            return self.steps
+        if train_examples is None:
+            raise ValueError(
+                f"budget.epochs {self.epochs} needs the training-set size; use "
+                "budget.steps for workloads whose size is unknown before training"
+            )
+        return -(-self.epochs * train_examples // batch_size)
+
+
+def train_examples(kind: str, data: dict[str, Any]) -> int | None:
+    """Return the training-set size of a workload entry's data, or None where it
+    is unknown before the data is prepared (the lm workload's token streams).
+
+    A vision entry's `train_examples` keeps the first that many images, so a
+    value above the dataset's size keeps all of them.
+    """
+    if kind != "vision":
+        return None
+    merged = {**workload_tables.VISION_DEFAULT_DATA, **data}
+    size = workload_tables.IMAGE_TRAIN_EXAMPLES[merged["dataset"]]
+    if merged["train_examples"] is not None:
+        return min(merged["train_examples"], size)
+    return size
+
+
+def step_budget(label: str, entry: WorkloadStudy, batch_size: int) -> int:
+    """Return the step budget of entry `label`'s trials at `batch_size`."""
+    kind = entry.workload or label
+    return entry.budget.steps_for(batch_size, train_examples(kind, entry.data))
+
+
+def _check_epoch_budget(kind: str, entry: WorkloadStudy) -> None:
+    """Check an epoch budget against the workload kind, the warmup and the
+    injected faults, which WorkloadStudy checks only for step budgets because
+    an entry does not know its kind."""
+    epochs = entry.budget.epochs
+    if epochs is None:
+        return
+    if kind != "vision":
+        raise SettingError(
+            f"budget.epochs {epochs} is for vision entries, whose training-set "
+            f"size is known before trials start; the {kind} workload's is not, "
+            "so set budget.steps instead",
+            ("budget",),
+        )
+
+    # The largest batch size has the smallest step budget.
+    examples = train_examples(kind, entry.data)
+    budgets = {bs: entry.budget.steps_for(bs, examples) for bs in entry.grid.batch_size}
+    largest_batch = max(budgets)
+    if entry.train.warmup_steps > budgets[largest_batch]:
+        raise SettingError(
+            f"warmup_steps {entry.train.warmup_steps} exceeds the step budget "
+            f"{budgets[largest_batch]} of batch size {largest_batch} ({epochs} "
+            f"epochs of {examples} examples); lower warmup_steps or raise "
+            "budget.epochs",
+            ("train", "warmup_steps"),
+        )
+
+    fault = entry.fault_injection
+    if fault is None:
+        return
+    faulty_batches = [
+        bs
+        for bs in budgets
+        if "batch_size" not in fault.only or fault.only["batch_size"] == bs
+    ]
+    for name in ("nan_loss_at_step", "error_at_step"):
+        step = getattr(fault, name)
+        missed = [
+            bs for bs in faulty_batches if step is not None and step >= budgets[bs]
+        ]
+        if missed:
+            batch_size = max(missed)
+            raise SettingError(
+                f"fault_injection.{name} {step} is never reached at batch size "
+                f"{batch_size}, whose trials stop after {budgets[batch_size]} "
+                f"steps ({epochs} epochs of {examples} examples); use a step "
+                f"below {budgets[batch_size]}",
+                ("fault_injection", name),
+            )
 
 
 class Resources(Strict):
@@ -289,13 +405,33 @@ class Resources(Strict):
 
 
 class FaultInjection(Strict):
-    """Make chosen trials diverge on purpose, to check how a study handles it."""
+    """Faults injected into chosen trials on purpose, to check how a study
+    handles divergence and failure. At least one of the two faults must be set."""
 
-    nan_loss_at_step: int = Field(ge=0)
-    """Replace the training loss with NaN at this optimizer step (0-based)."""
+    nan_loss_at_step: int | None = Field(default=None, ge=0)
+    """Optimizer step (0-based) whose training loss becomes NaN, so the trial
+    ends as diverged."""
+    error_at_step: int | None = Field(default=None, ge=0)
+    """Optimizer step (0-based) at which the trial raises a RuntimeError, so it
+    ends as failed once its retries are spent."""
     only: dict[str, float] = Field(default_factory=dict)
     """Grid values a trial must have to be affected, e.g. {power: 1.4}; empty
     means every trial."""
+
+    @model_validator(mode="after")
+    def _check_faults(self) -> FaultInjection:
+        if self.nan_loss_at_step is None and self.error_at_step is None:
+            raise ValueError(
+                "fault_injection sets no fault; set nan_loss_at_step or "
+                "error_at_step to a 0-based optimizer step, or remove fault_injection"
+            )
+        if self.nan_loss_at_step == self.error_at_step:
+            raise ValueError(
+                f"fault_injection sets nan_loss_at_step and error_at_step both to "
+                f"step {self.error_at_step}, so only the error would happen; give "
+                "them different steps or remove one"
+            )
+        return self
 
 
 class LanguageModelSettings(Strict):
@@ -356,6 +492,8 @@ class TextData(Strict):
     seq_len: int = Field(ge=1)
     val_tokens: int | None
     max_documents: int | None = Field(ge=1)
+    max_train_tokens: int | None
+    """Tokens in the training split; None tokenizes the whole train split."""
 
     @field_validator("source")
     @classmethod
@@ -396,6 +534,13 @@ class TextData(Strict):
                 f"val_tokens {self.val_tokens} is shorter than one window of "
                 f"seq_len + 1 = {window} tokens; raise val_tokens or lower seq_len",
                 ("val_tokens",),
+            )
+        if self.max_train_tokens is not None and self.max_train_tokens < window:
+            raise SettingError(
+                f"max_train_tokens {self.max_train_tokens} is shorter than one window "
+                f"of seq_len + 1 = {window} tokens; raise max_train_tokens or lower "
+                "seq_len",
+                ("max_train_tokens",),
             )
         return self
 
@@ -476,12 +621,27 @@ class WorkloadStudy(Strict):
 
     @model_validator(mode="after")
     def _check_fault_injection(self) -> WorkloadStudy:
-        if self.fault_injection is not None:
-            unknown = sorted(set(self.fault_injection.only) - set(GRID_AXIS_NAMES))
-            if unknown:
+        fault = self.fault_injection
+        if fault is None:
+            return self
+        unknown = sorted(set(fault.only) - set(GRID_AXIS_NAMES))
+        if unknown:
+            raise ValueError(
+                f"fault_injection.only names unknown axes {unknown}; "
+                f"use {list(GRID_AXIS_NAMES)}"
+            )
+        steps = {
+            "nan_loss_at_step": fault.nan_loss_at_step,
+            "error_at_step": fault.error_at_step,
+        }
+        # Scale checks an epoch budget, where budget.steps is None.
+        budget = self.budget.steps
+        for name, step in steps.items():
+            if step is not None and budget is not None and step >= budget:
                 raise ValueError(
-                    f"fault_injection.only names unknown axes {unknown}; "
-                    f"use {list(GRID_AXIS_NAMES)}"
+                    f"fault_injection.{name} {step} is never reached, because "
+                    f"trials stop after budget.steps {self.budget.steps}; use a "
+                    f"step below {self.budget.steps}"
                 )
         return self
 
@@ -495,12 +655,42 @@ class WorkloadStudy(Strict):
                     f"micro_batch_size {micro} does not divide batch sizes {bad}; "
                     "choose a micro-batch size that divides every batch size"
                 )
-        if self.train.warmup_steps > self.budget.steps:
+        # Scale checks an epoch budget, where budget.steps is None.
+        budget = self.budget.steps
+        if budget is not None and self.train.warmup_steps > budget:
             raise ValueError(
                 f"warmup_steps {self.train.warmup_steps} exceeds the step budget "
                 f"{self.budget.steps}; lower warmup_steps or raise budget.steps"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_hub_token_cap(self) -> WorkloadStudy:
+        """Require max_train_tokens for an lm source streamed from the hub, because
+        token-shard preparation otherwise reads the whole train split (hundreds of
+        GB for C4) before the first trial starts."""
+        hub_sources = ("c4_hub", "openwebtext_hub")
+        source = self.data.get("source")
+        if self.workload == "vision" or source not in hub_sources:
+            return self
+        if self.data.get("max_train_tokens") is not None:
+            return self
+        seq_len = self.data.get("seq_len", workload_tables.LM_DEFAULT_DATA["seq_len"])
+        if type(seq_len) is not int or seq_len < 1:
+            return self  # TextData reports the invalid seq_len.
+        if self.budget.steps is None:
+            return self  # Scale rejects an epoch budget on an lm entry.
+        batch_size = max(self.grid.batch_size)
+        tokens = self.budget.steps * batch_size * seq_len
+        raise SettingError(
+            f"source {source} streams from the Hugging Face hub and max_train_tokens "
+            "is not set, so the whole train split would be tokenized before any "
+            "trial starts; set max_train_tokens to "
+            f"{tokens}, the most tokens a trial of this entry trains on "
+            f"(budget.steps {self.budget.steps} x batch_size {batch_size} x "
+            f"seq_len {seq_len})",
+            ("data",),
+        )
 
 
 class ToyGrid(Strict):
@@ -597,6 +787,7 @@ class Scale(Strict):
                 )
             try:
                 _check_workload_settings(kind, entry)
+                _check_epoch_budget(kind, entry)
             except SettingError as error:
                 raise SettingError(
                     str(error), ("workloads", label, *error.location)
@@ -620,7 +811,7 @@ class StudySpec(Strict):
     optimizer variant and setting, the gap to the p = 1 baseline and
     loss-versus-parameters fits. `lr_tune`: the best lr_max per model and
     batch size, which `study run --lr-from` feeds to other studies."""
-    scales: dict[Literal["smoke", "cpu", "paper"], Scale] = Field(min_length=1)
+    scales: dict[ScaleName, Scale] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _check_analysis_needs(self) -> StudySpec:
@@ -933,20 +1124,23 @@ def load_study(name_or_path: str) -> StudySpec:
 
 
 def check_local_resources(
-    scale: Scale, scale_name: str, cpu_count: int | None = None
+    scale: Scale,
+    scale_name: str,
+    cpu_count: int | None = None,
+    gpu_count: int | None = None,
 ) -> None:
-    """Reject workloads that need more CPUs per trial than this machine has.
+    """Reject workloads that need more CPUs or GPUs per trial than this
+    machine has.
 
     `study run` without --ray-address starts a local Ray with os.cpu_count()
-    CPUs, and Ray keeps a trial that needs more pending forever. `cpu_count`
-    defaults to os.cpu_count().
+    CPUs and the GPUs it finds, and Ray keeps a trial that needs more pending
+    forever. `cpu_count` defaults to os.cpu_count(), `gpu_count` to the CUDA
+    devices that torch sees, counted only when an entry asks for a GPU.
     """
     available = os.cpu_count() if cpu_count is None else cpu_count
-    if available is None:
-        return
     for label, entry in scale.workloads.items():
         cpus = entry.resources.cpu
-        if cpus > available:
+        if available is not None and cpus > available:
             raise StudyFileError(
                 f"scales.{scale_name}.workloads.{label}.resources.cpu {cpus:g} is "
                 f"more than the {available} CPUs of this machine, so the local Ray "
@@ -954,3 +1148,23 @@ def check_local_resources(
                 f"{available} or less, or pass --ray-address of a Ray cluster "
                 "whose nodes have more CPUs"
             )
+        gpus = entry.resources.gpu
+        if gpus == 0:
+            continue
+        if gpu_count is None:
+            gpu_count = _local_gpu_count()
+        if gpus > gpu_count:
+            found = f"{gpu_count} GPUs" if gpu_count else "no GPU"
+            raise StudyFileError(
+                f"scales.{scale_name}.workloads.{label}.resources.gpu {gpus:g} is "
+                f"more than this machine has ({found} that torch can use), so the "
+                "local Ray cluster would never start its trials; run this scale on "
+                "a machine with GPUs, or pass --ray-address of a Ray cluster with "
+                "GPU nodes"
+            )
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

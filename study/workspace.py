@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -305,7 +306,12 @@ class Workspace:
 
 
 def check_data_cache_writable(data_cache: str | Path | None) -> None:
-    """Fail, writing nothing, when the data cache cannot be created or written."""
+    """Fail, leaving nothing behind, when the data cache cannot be created or written.
+
+    Besides the permission bits, it creates and removes a probe folder in the
+    cache or its nearest existing parent, because root passes every access check
+    but still cannot create folders in places such as /proc.
+    """
     cache = Path(data_cache or DEFAULT_DATA_CACHE).expanduser().resolve()
     existing = cache
     while not existing.exists():
@@ -321,6 +327,22 @@ def check_data_cache_writable(data_cache: str | Path | None) -> None:
             "image folders are prepared there, so pass a writable directory with "
             "--data-cache DIR"
         )
+    _probe_folder(cache, existing)
+
+
+def _probe_folder(cache: Path, existing: Path) -> None:
+    """Create and remove a folder in `existing`, raising StudyFileError naming
+    the data cache when that fails."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-check-", dir=existing)
+    except OSError as error:
+        problem = "is not writable" if existing == cache else "cannot be created"
+        raise StudyFileError(
+            f"Data cache {cache} {problem}: creating a folder in {existing} failed "
+            f"with {error.strerror}. Token shards and image folders are prepared "
+            "there, so pass a writable directory with --data-cache DIR"
+        ) from None
+    os.rmdir(probe)
 
 
 def _sqlite_uri(path: Path) -> str:

@@ -82,6 +82,9 @@ class TrialConfig:
     inject_nan_loss_at_step: int | None = None
     """Fault injection: replace the training loss with NaN at this step (0-based)."""
 
+    inject_error_at_step: int | None = None
+    """Fault injection: raise a RuntimeError at this step (0-based)."""
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
         known = {f.name for f in dataclasses.fields(cls)}

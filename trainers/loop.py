@@ -164,6 +164,11 @@ def run_trial(
         train_loss = _accumulate_gradients(workload, model, batch, micro, precision)
         if config.inject_nan_loss_at_step == step:
             train_loss = float("nan")
+        if config.inject_error_at_step == step:
+            raise RuntimeError(
+                f"injected fault: error at step {step} on purpose, set by "
+                "inject_error_at_step (fault_injection.error_at_step in a study file)"
+            )
         precision.unscale_(optimizer)
         grad_norm = _gradient_norm(model, config.clip_norm)
 

@@ -54,6 +54,8 @@ LM_DEFAULT_DATA: dict[str, Any] = {
     "seq_len": 64,
     "val_tokens": 65536,
     "max_documents": None,
+    # Tokens in the training split; None tokenizes the whole split.
+    "max_train_tokens": None,
 }
 
 # Small ResNets built from torchvision's BasicBlock: (blocks per stage, widths).
@@ -77,3 +79,6 @@ VISION_DEFAULT_DATA: dict[str, Any] = {
 SourceKind = Literal["bible", "files", "c4_local", "c4_hub", "openwebtext_hub"]
 # Image datasets of the vision workload, see trainers.data.vision.
 ImageDatasetName = Literal["fashion_mnist", "cifar10"]
+# Images in each dataset's standard training split, which an epoch budget
+# turns into steps before any data is loaded.
+IMAGE_TRAIN_EXAMPLES: dict[str, int] = {"fashion_mnist": 60000, "cifar10": 50000}

@@ -12,7 +12,7 @@ from mlflow.entities import RunStatus
 
 from study.grid import TrialPlan, expand
 from study.recording import RunInfo, StudyRecorder, ensure_experiment
-from study.runner import StudyRun, _create_parent_run, new_run_id
+from study.runner import StudyRun, _create_parent_run, new_run_id, progress_unit
 from study.spec import load_study
 from study.workspace import Workspace
 
@@ -62,7 +62,10 @@ def record_run(
     parent_run_id = _create_parent_run(
         client, experiment_id, run, plans, spec_scale, workspace
     )
-    units = {label: "tokens" for label in spec_scale.workloads}
+    units = {
+        label: progress_unit(label, entry)
+        for label, entry in spec_scale.workloads.items()
+    }
     recorder = StudyRecorder(
         workspace.tracking_uri,
         workspace.optuna_storage,

@@ -263,3 +263,41 @@ def test_summary_states_counts_and_fits(analysis):
     assert "linear trend: p* =" in text
     assert "noise-scale trend: p* =" in text
     assert "note: 2 batch sizes" in text
+
+
+def _progress_analysis(unit: str):
+    """Return a progress-to-target analysis of a workload that counts `unit`."""
+    rows = [
+        reached(8, 1.0, 40, seed=0),
+        reached(8, 1.2, 30, seed=0),
+        reached(16, 1.0, 20, seed=0),
+        reached(16, 1.2, 26, seed=0),
+    ]
+    run = make_run(rows)
+    run.progress_unit = unit
+    options = AnalysisOptions(metric="progress", bootstrap_samples=200)
+    return analyze_run(run, options)
+
+
+@pytest.mark.parametrize("unit", ["tokens", "examples"])
+def test_export_progress_file_named_by_unit(unit, tmp_path):
+    analysis = _progress_analysis(unit)
+    paths = export_tables(analysis, tmp_path, ("md", "latex"), unit)
+    assert paths["md"].name == f"batch_power_grid-smoke-lm-r1-{unit}.md"
+    assert paths["latex"].name == f"batch_power_grid-smoke-lm-r1-{unit}.tex"
+    assert f"\\label{{tab:batch-power-grid-smoke-lm-{unit}}}" in (
+        paths["latex"].read_text()
+    )
+    table = build_table(analysis, unit)
+    assert table.title.endswith(f": {unit} to val/loss <= 3.5")
+    # 30 steps of 8 sequences of 32 tokens, as make_run counts progress.
+    assert table.frame().set_index("batch_size").loc[8, "p=1.2"] == "7680"
+
+
+@pytest.mark.parametrize(
+    ("unit", "other"), [("tokens", "examples"), ("examples", "tokens")]
+)
+def test_progress_table_rejects_other_unit(unit, other):
+    analysis = _progress_analysis(unit)
+    with pytest.raises(ValueError, match=f"counts its progress in {unit}"):
+        build_table(analysis, other)

@@ -15,9 +15,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from study.analysis import load_runs
 from study.cli import main
 from study.lr_transfer import transfer_learning_rates
 from study.spec import StudyFileError, available_studies, load_study
+from tests.study.recorded_runs import record_run
 from tests.study.resilience_support import child_runs, optuna_trials, study_command
 
 pytestmark = pytest.mark.slow
@@ -403,3 +405,32 @@ def test_export_table_rejects_time_metrics_on_comparisons(studies, capsys):
     code = _export_muon_power(workspace, "--metric", "seconds")
     assert code == 2
     assert "compares final states" in capsys.readouterr().err
+
+
+def test_epoch_budget_recorded_per_trial(tmp_path):
+    # Plans 0 and 41 are the first and last grid points: batch 256 and 8192.
+    workspace = tmp_path / "ws"
+    recorded = record_run(
+        workspace,
+        {0: "reached", 41: "reached"},
+        study="batch_power_grid",
+        scale="paper_large_batch",
+    )
+    keys = {recorded.plans[0].key: 39063, recorded.plans[41].key: 1221}
+
+    trials = optuna_trials(workspace, "batch_power_grid")
+    params = {
+        run.data.tags["trial_key"]: run.data.params["step_budget"]
+        for run in child_runs(workspace, "batch_power_grid")
+    }
+    [run] = load_runs(
+        recorded.workspace.optuna_storage, "batch_power_grid", "paper_large_batch"
+    )
+
+    assert {t.user_attrs["trial_key"]: t.user_attrs["step_budget"] for t in trials} == (
+        keys
+    )
+    assert params == {key: str(steps) for key, steps in keys.items()}
+    assert run.budget_epochs == 200
+    assert run.budget_steps == 39063
+    assert run.budget_text == "200 epochs"

@@ -167,6 +167,9 @@ class TerminatedRun:
     log: str
     steps_recorded: list[int]
     parent_status: str
+    stopped_copy: Path
+    """A copy of the workspace as the driver left it, for tests that run after
+    test_copied_and_moved_workspaces_resume has moved `workspace`."""
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +178,7 @@ def terminated_run(tmp_path_factory) -> TerminatedRun:
         tmp_path_factory.mktemp("terminated"), "terminate", "[1 done", signal.SIGTERM
     )
     (parent,) = _parent_runs(workspace, "terminate")
+    stopped_copy = shutil.copytree(workspace, workspace.parent / "stopped-copy")
     return TerminatedRun(
         path=path,
         workspace=workspace,
@@ -185,6 +189,7 @@ def terminated_run(tmp_path_factory) -> TerminatedRun:
             for trial in optuna_trials(workspace, "terminate")
         ],
         parent_status=parent.info.status,
+        stopped_copy=stopped_copy,
     )
 
 
@@ -298,6 +303,37 @@ def test_copied_and_moved_workspaces_resume(terminated_run, tmp_path):
     _assert_recorded_once(moved, "terminate")
     assert _workspace_id(moved) == original_id
     assert not original.exists()
+
+
+def test_edited_study_file_stops_continuation(terminated_run, tmp_path):
+    workspace = tmp_path / "ws"
+    shutil.copytree(terminated_run.stopped_copy, workspace)
+    # The same study with a shorter budget and more cores per trial; only the
+    # budget changes what the trials train.
+    edited = write_study(
+        tmp_path,
+        "terminate",
+        FOUR_POWERS,
+        steps=40,
+        scale={"max_concurrent_trials": 2},
+        resources={"cpu": 2},
+    )
+    children_before = len(child_runs(workspace, "terminate"))
+
+    for command in ("run", "resume"):
+        completed = _run(
+            [command, str(edited), "--scale", "smoke", "--workspace", str(workspace)]
+        )
+        assert completed.returncode == 2, completed.stderr[-3000:]
+        error = completed.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: The smoke scale of terminate changed since run")
+        assert "(workloads.lm.budget.steps: 60 -> 40)" in error
+        assert f"run {edited} --scale smoke --fresh --workspace {workspace}" in error
+        assert "Traceback" not in completed.stderr
+
+    (parent,) = _parent_runs(workspace, "terminate")
+    assert parent.info.status == "KILLED"
+    assert len(child_runs(workspace, "terminate")) == children_before
 
 
 def _worker_pid(experiment_dir: Path, min_step: int) -> int | None:
@@ -428,3 +464,48 @@ def test_two_studies_share_a_workspace(tmp_path):
         assert len(runs) == 8
         assert len({run.data.tags["trial_key"] for run in runs}) == 8
         assert len(optuna_trials(workspace, name)) == 8
+
+
+def test_stopped_trials_killed_until_resumed(terminated_run, tmp_path):
+    """The child runs of trials that SIGTERM stopped are KILLED, not RUNNING,
+    and `study resume` continues the same runs to their end."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(terminated_run.stopped_copy, workspace)
+    before = {
+        run.data.tags["trial_key"]: run for run in child_runs(workspace, "terminate")
+    }
+    finished = {key for key, run in before.items() if run.info.status == "FINISHED"}
+    assert len(finished) == len(terminated_run.steps_recorded)
+    for key, run in before.items():
+        if key in finished:
+            assert run.data.tags["end_state"] == "censored", key
+        else:
+            assert run.info.status == "KILLED", key
+            assert run.data.tags["end_state"] == "unfinished", key
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("terminate")
+    live = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    )
+    assert live == []
+
+    resumed = _run(
+        ["resume", str(terminated_run.path), "--scale", "smoke"]
+        + ["--workspace", str(workspace)]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_recorded_once(workspace, "terminate")
+    after = {
+        run.data.tags["trial_key"]: run for run in child_runs(workspace, "terminate")
+    }
+    for key, run in before.items():
+        assert after[key].info.run_id == run.info.run_id, key
+    assert {run.info.status for run in after.values()} == {"FINISHED"}
+    censored = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.end_state = 'censored'"
+    )
+    assert len(censored) == 4
+    unfinished = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.end_state = 'unfinished'"
+    )
+    assert unfinished == []

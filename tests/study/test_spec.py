@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from study.cli import main
+from study.grid import expand
 from study.spec import (
     StudyFileError,
     available_studies,
@@ -241,6 +243,11 @@ INVALID_LM_SETTINGS = [
     ({"data.source": "files"}, "lm.data.paths", "add the text files"),
     ({"data.val_tokens": 16}, "lm.data.val_tokens", "val_tokens 16 is shorter"),
     ({"data.max_documents": 0}, "lm.data.max_documents", "(got 0)"),
+    (
+        {"data.max_train_tokens": 32},
+        "lm.data.max_train_tokens",
+        "max_train_tokens 32 is shorter than one window of seq_len + 1 = 33",
+    ),
     ({"data.seqlen": 32}, "lm.data.seqlen", "unknown key"),
     (
         {"grid.power": [1.0, 1.0, 1.2]},
@@ -434,13 +441,34 @@ def test_spec_missing_path_is_not_found(tmp_path, argument, expected):
     assert "Unknown study" not in message
 
 
-def test_spec_rejects_more_cpus_than_local_machine():
-    scale = load_study("batch_power_grid").scale("paper")
+@pytest.mark.parametrize(
+    ("scale_name", "label"), [("paper", "lm"), ("paper_large_batch", "vision")]
+)
+def test_spec_rejects_more_cpus_than_local_machine(scale_name, label):
+    scale = load_study("batch_power_grid").scale(scale_name)
     with pytest.raises(StudyFileError) as error:
-        check_local_resources(scale, "paper", cpu_count=2)
+        check_local_resources(scale, scale_name, cpu_count=2)
     message = str(error.value)
-    assert "scales.paper.workloads.lm.resources.cpu 8" in message
+    assert f"scales.{scale_name}.workloads.{label}.resources.cpu 8" in message
     assert "--ray-address" in message
+
+
+@pytest.mark.parametrize("scale_name", ["paper", "paper_large_batch"])
+def test_spec_rejects_gpu_scale_without_gpus(scale_name):
+    scale = load_study("batch_power_grid").scale(scale_name)
+    with pytest.raises(StudyFileError) as error:
+        check_local_resources(scale, scale_name, cpu_count=64, gpu_count=0)
+    message = str(error.value)
+    assert f"scales.{scale_name}.workloads." in message
+    assert "resources.gpu 1 is more than this machine has (no GPU" in message
+    assert "--ray-address" in message
+
+
+def test_spec_accepts_gpus_the_machine_has():
+    scale = load_study("batch_power_grid").scale("paper")
+    check_local_resources(scale, "paper", cpu_count=64, gpu_count=1)
+    with pytest.raises(StudyFileError, match="lm.resources.gpu 1 is more"):
+        check_local_resources(scale, "paper", cpu_count=64, gpu_count=0)
 
 
 def test_spec_accepts_cpus_the_machine_has():
@@ -466,3 +494,165 @@ def test_cli_invalid_setting_writes_nothing(tmp_path, capsys, change, expected):
     assert expected in error
     assert error.count("error:") == 1
     assert not workspace.exists()
+
+
+# Settings of the smoke lm entry of batch_power_grid that stream a hub corpus:
+# 100 steps x batch_size 8 (the larger of 4 and 8) x seq_len 32 = 25600 tokens.
+HUB_SETTINGS = {
+    "data.tokenizer": "pretrained",
+    "data.tokenizer_path": "google-t5/t5-base",
+    "budget.steps": 100,
+}
+
+
+@pytest.mark.parametrize("source", ["c4_hub", "openwebtext_hub"])
+def test_spec_hub_source_needs_max_train_tokens(tmp_path, source):
+    path = _write_study(tmp_path, **HUB_SETTINGS, **{"data.source": source})
+
+    message = _load_error(path)
+
+    assert "scales.smoke.workloads.lm.data" in message
+    assert f"source {source} streams from the Hugging Face hub" in message
+    assert "max_train_tokens is not set" in message
+    assert "before any trial starts" in message
+    assert "set max_train_tokens to 25600" in message
+    assert "budget.steps 100 x batch_size 8 x seq_len 32" in message
+
+
+def test_spec_capped_hub_source_loads(tmp_path):
+    changes = {**HUB_SETTINGS, "data.source": "c4_hub", "data.max_train_tokens": 25600}
+    path = _write_study(tmp_path, **changes)
+
+    entry = load_study(str(path)).scale("smoke").workloads["lm"]
+
+    assert entry.data["max_train_tokens"] == 25600
+
+
+def _write_vision_budget(tmp_path: Path, budget: dict, **settings) -> Path:
+    """Write batch_power_grid with `budget` and `settings` in its smoke vision entry."""
+
+    def edit(entry):
+        entry["budget"] = budget
+        for key, value in settings.items():
+            entry[key] = {**entry.get(key, {}), **value}
+
+    return _write_entry(tmp_path, "batch_power_grid", "vision", edit)
+
+
+def _step_budgets(scale, label: str) -> dict[int, int]:
+    plans = expand(scale, {label: {}})
+    return {plan.params["batch_size"]: plan.config["step_budget"] for plan in plans}
+
+
+def test_epoch_budget_cifar10_steps_per_batch_size():
+    scale = load_study("batch_power_grid").scale("paper")
+
+    budgets = _step_budgets(scale, "vision")
+
+    # 200 epochs of CIFAR-10's 50,000 training images.
+    assert budgets == {32: 312500, 64: 156250, 128: 78125}
+
+
+@pytest.mark.parametrize(
+    ("train_examples", "expected"),
+    [
+        # 3 epochs x 2000 images / batch 32 = 187.5 steps, rounded up.
+        (2000, {16: 375, 32: 188}),
+        # Fashion-MNIST has 60,000 training images, so a larger value keeps all.
+        (100000, {16: 11250, 32: 5625}),
+    ],
+)
+def test_epoch_budget_train_examples(tmp_path, train_examples, expected):
+    data = {"train_examples": train_examples}
+    path = _write_vision_budget(tmp_path, {"epochs": 3}, data=data)
+    scale = load_study(str(path)).scale("smoke")
+
+    assert _step_budgets(scale, "vision") == expected
+
+
+def test_step_budget_same_for_every_batch_size():
+    scale = load_study("batch_power_grid").scale("smoke")
+
+    assert _step_budgets(scale, "vision") == {16: 16, 32: 16}
+
+
+@pytest.mark.parametrize(
+    ("budget", "settings", "location", "expected"),
+    [
+        ({"steps": 16, "epochs": 3}, {}, "budget", "sets both steps 16 and epochs 3"),
+        ({}, {}, "budget", "sets neither steps nor epochs; add `steps: N`"),
+        ({"epochs": 0}, {}, "budget.epochs", "(got 0)"),
+        (
+            {"epochs": 1},
+            {"train": {"warmup_steps": 100}},
+            "train.warmup_steps",
+            "warmup_steps 100 exceeds the step budget 64 of batch size 32",
+        ),
+        (
+            {"epochs": 1},
+            {"fault_injection": {"nan_loss_at_step": 100}},
+            "fault_injection.nan_loss_at_step",
+            (
+                "nan_loss_at_step 100 is never reached at batch size 32, whose "
+                "trials stop after 64 steps"
+            ),
+        ),
+    ],
+)
+def test_spec_rejects_invalid_vision_budget(
+    tmp_path, budget, settings, location, expected
+):
+    message = _load_error(_write_vision_budget(tmp_path, budget, **settings))
+
+    assert f"scales.smoke.workloads.vision.{location}" in message
+    assert expected in message
+
+
+def test_spec_rejects_lm_epoch_budget(tmp_path):
+    message = _load_error(_write_study(tmp_path, budget={"epochs": 3}))
+
+    assert "scales.smoke.workloads.lm.budget" in message
+    assert "budget.epochs 3 is for vision entries" in message
+    assert "set budget.steps instead" in message
+
+
+def test_spec_rejects_toy_budget(tmp_path):
+    def edit(entry):
+        entry["budget"] = {"epochs": 3}
+
+    path = _write_entry(tmp_path, "toy_noise_regimes", "toy", edit)
+    message = _load_error(path)
+
+    assert "budget" in message
+    assert "unknown key" in message
+
+
+def test_paper_large_batch_scale_grid():
+    scale = load_study("batch_power_grid").scale("paper_large_batch")
+    plans = expand(scale, {"vision": {}})
+    rates = {plan.params["batch_size"]: plan.params["lr_max"] for plan in plans}
+
+    assert set(scale.workloads) == {"vision"}
+    assert len(plans) == 6 * 7
+    assert sorted(rates) == [256, 512, 1024, 2048, 4096, 8192]
+    assert rates[512] == 5e-4
+    for batch_size, rate in rates.items():
+        assert rate == pytest.approx(5e-4 * math.sqrt(batch_size / 512), rel=2e-3)
+    assert _step_budgets(scale, "vision") == {
+        256: 39063,
+        512: 19532,
+        1024: 9766,
+        2048: 4883,
+        4096: 2442,
+        8192: 1221,
+    }
+    assert {plan.config["micro_batch_size"] for plan in plans} == {256}
+    assert {plan.config["model"]["preset"] for plan in plans} == {"resnet34"}
+    assert scale.workloads["vision"].resources.gpu == 1
+
+
+def test_cli_list_shows_paper_large_batch(capsys):
+    assert main(["list"]) == 0
+
+    output = capsys.readouterr().out
+    assert "paper_large_batch   42 trials  (vision)" in output

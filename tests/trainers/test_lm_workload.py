@@ -86,7 +86,9 @@ def test_llama_preset_matches_paper_size(preset):
         model = build_language_model({"preset": preset}, T5_VOCAB_SIZE, 256)
     counts = count_parameters(model)
 
-    assert relative_error(counts["total"], LLAMA_SIZES[preset]) < 0.05
+    # The paper's table lost its shape columns, so the shapes are inferred; the
+    # farthest, 2b, has 2010.6M parameters against 1994M (0.83%).
+    assert relative_error(counts["total"], LLAMA_SIZES[preset]) < 0.01
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.head_dim == 64
 
@@ -100,8 +102,8 @@ def test_qwen2moe_preset_matches_paper_size(preset):
         )
     counts = count_parameters(model)
 
-    assert relative_error(counts["total"], total) < 0.02
-    assert relative_error(counts["active"], active) < 0.02
+    assert relative_error(counts["total"], total) < 0.01
+    assert relative_error(counts["active"], active) < 0.01
     assert model.config.num_experts_per_tok == QWEN2MOE_ACTIVE_EXPERTS
     assert model.config.use_sliding_window is False
     assert set(model.config.layer_types) == {"full_attention"}
@@ -190,6 +192,34 @@ def test_c4_with_t5_tokenizer_through_workload(tmp_path):
     assert workload.train_batch(0).shape == (2, 257)
     assert outcome.end_state == "censored"
     assert math.isfinite(reports[-1]["val/loss"])
+
+
+def test_prepare_caps_train_tokens(tmp_path):
+    tokenizer = save_t5_sized_tokenizer(tmp_path / "t5")
+    c4 = write_c4_shards(tmp_path / "c4", documents(40, seed=1), documents(10, seed=2))
+    data = {
+        "source": "c4_local",
+        "paths": [str(c4)],
+        "tokenizer": "pretrained",
+        "tokenizer_path": str(tokenizer),
+        "seq_len": 16,
+        "val_tokens": 100,
+    }
+    # Ten documents of 40 words and EOS, and 5 tokens of the eleventh.
+    cap = 10 * 41 + 5
+
+    uncapped = LanguageModelWorkload.prepare(data, tmp_path / "cache")
+    capped = LanguageModelWorkload.prepare(
+        {**data, "max_train_tokens": cap}, tmp_path / "cache"
+    )
+    whole = TokenShards.load(uncapped["shards_dir"])
+    cut = TokenShards.load(capped["shards_dir"])
+
+    assert capped["shards_dir"] != uncapped["shards_dir"]
+    assert whole.train_tokens == 40 * 41
+    assert cut.train_tokens == cap
+    assert np.array_equal(cut.tokens("train"), whole.tokens("train")[:cap])
+    assert np.array_equal(cut.tokens("validation"), whole.tokens("validation"))
 
 
 def test_openwebtext_with_gpt2_tokenizer_through_workload(tmp_path, monkeypatch):

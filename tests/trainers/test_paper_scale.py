@@ -47,8 +47,8 @@ def local_data(label: str, root) -> dict:
     return {"root": str(write_random_cifar10(root / "cifar", train=40, test=20))}
 
 
-def paper_trial(label: str, root) -> TrialConfig:
-    scale = load_study("batch_power_grid").scale("paper")
+def paper_trial(label: str, root, scale_name: str = "paper") -> TrialConfig:
+    scale = load_study("batch_power_grid").scale(scale_name)
     entry = scale.workloads[label]
     data = {**entry.data, **local_data(label, root)}
     workload_class = get_workload_class(entry.workload or label)
@@ -107,6 +107,22 @@ def test_paper_vision_trial_runs_two_steps(tmp_path):
     assert config.model == {"preset": "resnet34"}
     assert config.data["augment"] is True
     assert config.schedule == "cos"
+    assert outcome.end_state == "censored"
+    assert outcome.steps == 2
+    assert all(math.isfinite(report["train/loss"]) for report in reports)
+    assert 0.0 <= reports[-1]["val/accuracy"] <= 1.0
+
+
+def test_paper_large_batch_trial_runs_two_steps(tmp_path):
+    planned = paper_trial("vision", tmp_path, "paper_large_batch")
+    # Two micro-batches per step, as the scale's batch 512 runs in two of 256.
+    config = dataclasses.replace(planned, batch_size=4, micro_batch_size=2)
+    reports = []
+
+    outcome = run_trial(config, reports.append)
+
+    assert config.model == {"preset": "resnet34"}
+    assert config.weight_decay == 0.1
     assert outcome.end_state == "censored"
     assert outcome.steps == 2
     assert all(math.isfinite(report["train/loss"]) for report in reports)

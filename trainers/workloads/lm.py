@@ -181,6 +181,7 @@ class LanguageModelWorkload(Workload):
             cache_root / "tokens",
             seq_len=int(merged["seq_len"]),
             val_tokens=merged["val_tokens"],
+            max_train_tokens=merged["max_train_tokens"],
         )
         return {**data, "shards_dir": str(shards.directory)}
 
