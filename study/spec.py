@@ -347,6 +347,24 @@ def step_budget(label: str, entry: WorkloadStudy, batch_size: int) -> int:
     return entry.budget.steps_for(batch_size, train_examples(kind, entry.data))
 
 
+def _check_eval_interval(label: str, entry: WorkloadStudy) -> None:
+    """Reject an evaluation interval longer than a trial with a target can
+    run: such trials are evaluated only at their last step, so every one that
+    reaches the target reaches it at the same step and the powers tie."""
+    if entry.target is None:
+        return
+    budgets = {bs: step_budget(label, entry, bs) for bs in entry.grid.batch_size}
+    batch_size = min(budgets, key=budgets.get)
+    if entry.eval_every_steps > budgets[batch_size]:
+        raise SettingError(
+            f"eval_every_steps {entry.eval_every_steps} exceeds the step budget "
+            f"{budgets[batch_size]} of batch size {batch_size}, so trials are "
+            "evaluated only at their last step and the steps to the target cannot "
+            f"differ; set eval_every_steps to {budgets[batch_size]} or less",
+            ("eval_every_steps",),
+        )
+
+
 def _check_epoch_budget(kind: str, entry: WorkloadStudy) -> None:
     """Check an epoch budget against the workload kind, the warmup and the
     injected faults, which WorkloadStudy checks only for step budgets because
@@ -788,6 +806,7 @@ class Scale(Strict):
             try:
                 _check_workload_settings(kind, entry)
                 _check_epoch_budget(kind, entry)
+                _check_eval_interval(label, entry)
             except SettingError as error:
                 raise SettingError(
                     str(error), ("workloads", label, *error.location)

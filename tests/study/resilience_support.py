@@ -40,7 +40,15 @@ def write_study(
     scale: dict[str, Any] | None = None,
     **workload: Any,
 ) -> Path:
-    entry = {**TINY_LM, "grid": grid, "budget": {"steps": steps}, **workload}
+    # A short budget is evaluated at its last step, as every budget is.
+    interval = min(TINY_LM["eval_every_steps"], steps)
+    entry = {
+        **TINY_LM,
+        "grid": grid,
+        "budget": {"steps": steps},
+        "eval_every_steps": interval,
+        **workload,
+    }
     spec = {
         "name": name,
         "scales": {"smoke": {**(scale or {}), "workloads": {"lm": entry}}},

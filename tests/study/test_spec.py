@@ -534,7 +534,9 @@ def _write_vision_budget(tmp_path: Path, budget: dict, **settings) -> Path:
     def edit(entry):
         entry["budget"] = budget
         for key, value in settings.items():
-            entry[key] = {**entry.get(key, {}), **value}
+            if isinstance(value, dict):
+                value = {**entry.get(key, {}), **value}
+            entry[key] = value
 
     return _write_entry(tmp_path, "batch_power_grid", "vision", edit)
 
@@ -587,6 +589,21 @@ def test_step_budget_same_for_every_batch_size():
             {"train": {"warmup_steps": 100}},
             "train.warmup_steps",
             "warmup_steps 100 exceeds the step budget 64 of batch size 32",
+        ),
+        (
+            {"epochs": 1},
+            {"eval_every_steps": 100},
+            "eval_every_steps",
+            (
+                "eval_every_steps 100 exceeds the step budget 64 of batch size 32, "
+                "so trials are evaluated only at their last step"
+            ),
+        ),
+        (
+            {"steps": 16},
+            {"eval_every_steps": 17},
+            "eval_every_steps",
+            "set eval_every_steps to 16 or less",
         ),
         (
             {"epochs": 1},
