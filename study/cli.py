@@ -693,14 +693,14 @@ def _check_settings_unchanged(
     changes = changed_settings(client, spec.name, args.scale, run_id, spec)
     if not changes:
         return
-    shown = "; ".join(changes[:5])
+    summary = "; ".join(changes[:5])
     if len(changes) > 5:
-        shown += f"; and {len(changes) - 5} more"
+        summary += f"; and {len(changes) - 5} more"
     words = ["run", args.name, "--scale", args.scale, "--fresh"]
     fresh = f"{command_name()} {shlex.join(words + _store_words(args, workspace))}"
     raise StudyFileError(
         f"The {args.scale} scale of {spec.name} changed since run {run_id} "
-        f"started ({shown}), and a continued run keeps its recorded settings; "
+        f"started ({summary}), and a continued run keeps its recorded settings; "
         f"restore those values to continue it, or start a new run with `{fresh}`"
     )
 

@@ -295,8 +295,8 @@ def _trial_error(trial) -> str:
     """Return the traceback of a trial's latest error.
 
     Ray Tune 2.60 writes it to the trial's local folder and copies it to the
-    experiment's storage later; `Trial.get_error` reads only the copy, which
-    does not exist yet when `on_trial_error` runs.
+    experiment's storage later. `Trial.get_error` reads only the copy, so it
+    returns None while `on_trial_error` runs.
     """
     local_file = trial.error_file
     if local_file and os.path.isfile(local_file):
@@ -497,7 +497,7 @@ def find_continuable_run(
 
     A newer unfinished run whose driver stopped before Tune saved its
     experiment can never be continued: it is logged, marked FAILED and tagged
-    `unrestorable`, and skipped from then on. The caller holds the
+    `unrestorable`, and skipped from then on. The caller has taken the
     workspace's `run_lock`, so no driver is still starting such a run.
     """
     for parent in unfinished_runs(client, study, scale, workspace):
@@ -583,12 +583,12 @@ def _training_settings(scale_dump: dict[str, Any]) -> dict[str, Any]:
             walk(key, value)
             continue
         for label, entry in value.items():
-            kept = {
+            training = {
                 name: item
                 for name, item in entry.items()
                 if name not in _ENTRY_SETTINGS_FREE_TO_CHANGE
             }
-            walk(f"workloads.{label}", kept)
+            walk(f"workloads.{label}", training)
     return flat
 
 
@@ -704,6 +704,19 @@ def run_study(
     started_ray = _join_or_start_ray(ray_address)
     client = workspace.open_stores()
     parent_run_id = None
+
+    def open_recorder() -> StudyRecorder:
+        """Return a recorder of this run, once its experiment and parent run exist."""
+        return StudyRecorder(
+            workspace.tracking_uri,
+            workspace.optuna_storage,
+            experiment_id,
+            parent_run_id,
+            run,
+            plans,
+            units,
+        )
+
     try:
         # A tracking server keeps artifacts in its own store; a local database
         # keeps them beside it in the workspace.
@@ -725,15 +738,7 @@ def run_study(
         if on_recorded is not None:
             on_recorded(run.run_id)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        recorder = StudyRecorder(
-            workspace.tracking_uri,
-            workspace.optuna_storage,
-            experiment_id,
-            parent_run_id,
-            run,
-            plans,
-            units,
-        )
+        recorder = open_recorder()
         recorder.connect()
     except BaseException:
         if parent_run_id is not None:
@@ -794,15 +799,7 @@ def run_study(
         ):
             signal.signal(signal.SIGINT, sigint_handler)
         # A fresh connection reads what the callback wrote in this process.
-        final = StudyRecorder(
-            workspace.tracking_uri,
-            workspace.optuna_storage,
-            experiment_id,
-            parent_run_id,
-            run,
-            plans,
-            units,
-        )
+        final = open_recorder()
         unfinished = final.unfinished_keys()
         if status == RunStatus.FINISHED and unfinished:
             status = RunStatus.KILLED

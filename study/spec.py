@@ -498,6 +498,14 @@ class VisionModelSettings(Strict):
         return value
 
 
+def _check_choice(key: str, value: str, choices: Any) -> str:
+    """Return `value` when it is one of the `Literal` type `choices`."""
+    names = list(get_args(choices))
+    if value not in names:
+        raise ValueError(f"{key} {value!r} is unknown; choose one of {names}")
+    return value
+
+
 class TextData(Strict):
     """`data` of an lm entry, checked with the rules that token-shard
     preparation applies, after the workload's DEFAULT_DATA fills unset keys."""
@@ -516,10 +524,7 @@ class TextData(Strict):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
-        kinds = list(get_args(workload_tables.SourceKind))
-        if value not in kinds:
-            raise ValueError(f"source {value!r} is unknown; choose one of {kinds}")
-        return value
+        return _check_choice("source", value, workload_tables.SourceKind)
 
     @model_validator(mode="after")
     def _check_combination(self) -> TextData:
@@ -577,10 +582,7 @@ class ImageData(Strict):
     @field_validator("dataset")
     @classmethod
     def _check_dataset(cls, value: str) -> str:
-        names = list(get_args(workload_tables.ImageDatasetName))
-        if value not in names:
-            raise ValueError(f"dataset {value!r} is unknown; choose one of {names}")
-        return value
+        return _check_choice("dataset", value, workload_tables.ImageDatasetName)
 
 
 # The settings models of each training workload's `model` and `data`, and the
@@ -1154,7 +1156,7 @@ def check_local_resources(
     `study run` without --ray-address starts a local Ray with os.cpu_count()
     CPUs and the GPUs it finds, and Ray keeps a trial that needs more pending
     forever. `cpu_count` defaults to os.cpu_count(), `gpu_count` to the CUDA
-    devices that torch sees, counted only when an entry asks for a GPU.
+    devices that torch detects, counted only when an entry asks for a GPU.
     """
     available = os.cpu_count() if cpu_count is None else cpu_count
     for label, entry in scale.workloads.items():

@@ -1023,7 +1023,7 @@ def test_export_progress_named_by_unit(vision_run, tmp_path, capsys):
     assert "note: workload vision" not in output
 
     # tokens also names the progress to the target, which the vision workload
-    # counts in examples: the same table, and a note that says so.
+    # counts in examples, so it writes the same table and a note about the unit.
     assert main([*args, "--metric", "tokens"]) == 0
     output = capsys.readouterr().out
     assert (

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from trainers.data.text import TextSource, TokenizerSpec, prepare_token_shards
 from trainers.data.vision import write_cifar10_folder
 
 T5_VOCAB_SIZE = 32100
@@ -36,6 +37,21 @@ def documents(count: int, words_per_document: int = 40, seed: int = 0) -> list[s
     return [
         " ".join(generator.choice(WORDS, size=words_per_document)) for _ in range(count)
     ]
+
+
+def tiny_bpe_shards(root: Path, val_tokens: int, seed: int = 5) -> dict:
+    """Tokenize 200 generated documents with a 300-token BPE under `root` and
+    return the lm workload's data settings for them, at seq_len 32."""
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(documents(200, seed=seed)) + "\n")
+    shards = prepare_token_shards(
+        TextSource("files", paths=(str(text),)),
+        TokenizerSpec("bpe", vocab_size=300),
+        root / "cache",
+        seq_len=32,
+        val_tokens=val_tokens,
+    )
+    return {"shards_dir": str(shards.directory), "seq_len": 32}
 
 
 def save_word_tokenizer(

@@ -8,10 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from tests.trainers.sample_data import documents
+from tests.trainers.sample_data import tiny_bpe_shards
 from trainers import loop
 from trainers.config import TrialConfig
-from trainers.data.text import TextSource, TokenizerSpec, prepare_token_shards
 from trainers.optimizers import build_optimizer
 from trainers.precision import MixedPrecision
 from trainers.schedules import lr_at
@@ -23,15 +22,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory) -> LanguageModelWorkload:
-    root = tmp_path_factory.mktemp("accumulation")
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(documents(200, seed=3)) + "\n")
-    shards = prepare_token_shards(
-        TextSource("files", paths=(str(text),)),
-        TokenizerSpec("bpe", vocab_size=300),
-        root / "cache",
-        seq_len=32,
-        val_tokens=129,
+    data = tiny_bpe_shards(
+        tmp_path_factory.mktemp("accumulation"), val_tokens=129, seed=3
     )
     config = TrialConfig(
         workload="lm",
@@ -42,7 +34,7 @@ def workload(tmp_path_factory) -> LanguageModelWorkload:
         step_budget=1,
         target_value=0.0,
         model={"preset": "tiny"},
-        data={"shards_dir": str(shards.directory), "seq_len": 32},
+        data=data,
         device="cpu",
     )
     return LanguageModelWorkload(config, CPU)

@@ -12,9 +12,8 @@ from pydantic import ValidationError
 from torch.optim import Muon
 
 from study.spec import Training
-from tests.trainers.sample_data import documents
+from tests.trainers.sample_data import tiny_bpe_shards
 from trainers.config import TrialConfig
-from trainers.data.text import TextSource, TokenizerSpec, prepare_token_shards
 from trainers.gradpower import AdamPower, GradPower, power_transform
 from trainers.loop import run_trial
 from trainers.optimizers import (
@@ -381,17 +380,7 @@ def test_study_training_settings_validated():
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("optimizers")
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(documents(200, seed=5)) + "\n")
-    shards = prepare_token_shards(
-        TextSource("files", paths=(str(text),)),
-        TokenizerSpec("bpe", vocab_size=300),
-        root / "cache",
-        seq_len=32,
-        val_tokens=129,
-    )
-    return {"shards_dir": str(shards.directory), "seq_len": 32}
+    return tiny_bpe_shards(tmp_path_factory.mktemp("optimizers"), val_tokens=129)
 
 
 @pytest.mark.parametrize(

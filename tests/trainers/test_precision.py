@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 
-from tests.trainers.sample_data import documents
+from tests.trainers.sample_data import tiny_bpe_shards
 from trainers import loop
 from trainers.config import TrialConfig
-from trainers.data.text import TextSource, TokenizerSpec, prepare_token_shards
 from trainers.gradpower import AdamPower
 from trainers.precision import MixedPrecision
 
@@ -51,17 +50,7 @@ def fp16_step(
 
 @pytest.fixture(scope="module")
 def shards_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("precision")
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(documents(200, seed=5)) + "\n")
-    shards = prepare_token_shards(
-        TextSource("files", paths=(str(text),)),
-        TokenizerSpec("bpe", vocab_size=300),
-        root / "cache",
-        seq_len=32,
-        val_tokens=65,
-    )
-    return {"shards_dir": str(shards.directory), "seq_len": 32}
+    return tiny_bpe_shards(tmp_path_factory.mktemp("precision"), val_tokens=65)
 
 
 def lm_config(data: dict, **overrides) -> TrialConfig:
