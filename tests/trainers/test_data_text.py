@@ -22,6 +22,7 @@ from trainers.data.text import (
     TokenizerSpec,
     TokenShards,
     iter_documents,
+    keyed_permutation,
     padded_vocab_size,
     prepare_token_shards,
 )
@@ -484,6 +485,56 @@ def test_train_batch_is_deterministic(bible_shards):
     assert torch.equal(batch, resumed.train_batch(step=7, batch_size=8))
     assert not torch.equal(batch, batches.train_batch(step=8, batch_size=8))
     assert not torch.equal(batch, other_seed.train_batch(step=7, batch_size=8))
+
+
+def _counting_shards(directory: Path, train_tokens: int) -> TokenShards:
+    """Shards whose training token i has id i, so a window names its start."""
+    directory.mkdir()
+    np.arange(train_tokens, dtype=np.int32).tofile(directory / "train.bin")
+    np.arange(16, dtype=np.int32).tofile(directory / "val.bin")
+    return TokenShards(
+        directory=directory,
+        vocab_size=train_tokens,
+        model_vocab_size=train_tokens,
+        dtype="int32",
+        train_tokens=train_tokens,
+        val_tokens=16,
+        eos_id=0,
+    )
+
+
+def test_train_batches_read_each_epoch_without_replacement(tmp_path):
+    # 10 windows of 8 + 1 tokens and 4 spare tokens; batches of 3 cross epochs.
+    shards = _counting_shards(tmp_path / "shards", 10 * 8 + 1 + 4)
+    batches = TokenBatches(shards, seq_len=8, seed=5)
+    rows = torch.cat([batches.train_batch(step, 3) for step in range(10)]).numpy()
+
+    np.testing.assert_array_equal(rows[:, 1:] - rows[:, :-1], 1)  # contiguous
+    epoch_zero, epoch_one, epoch_two = rows[:10, 0], rows[10:20, 0], rows[20:, 0]
+    assert sorted(epoch_zero) == list(range(0, 80, 8))
+    # Every training token but the first is a target once per epoch.
+    assert sorted(rows[:10, 1:].reshape(-1)) == list(range(1, 81))
+    assert epoch_zero.tolist() != sorted(epoch_zero)
+    for later in (epoch_one, epoch_two[:10]):
+        offset = later.min()
+        assert 0 <= offset <= 4
+        assert sorted(later) == list(range(offset, offset + 80, 8))
+    assert epoch_one.tolist() != epoch_zero.tolist()
+
+
+def test_keyed_permutation_is_a_bijection():
+    for size in (1, 2, 3, 7, 64, 1000, 4099):
+        order = keyed_permutation(np.arange(size), size, (0, 1, 2))
+        assert sorted(order) == list(range(size))
+    first = keyed_permutation(np.arange(1000), 1000, (0, 1, 0))
+    assert (
+        first.tolist() != keyed_permutation(np.arange(1000), 1000, (1, 1, 0)).tolist()
+    )
+    np.testing.assert_array_equal(
+        keyed_permutation(np.arange(300, 310), 1000, (0, 1, 0)), first[300:310]
+    )
+    with pytest.raises(ValueError, match="below size 10"):
+        keyed_permutation(np.array([10]), 10, (0,))
 
 
 def test_val_batches_cover_validation_in_order(bible_shards):

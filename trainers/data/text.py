@@ -933,6 +933,58 @@ def _write_tokens(
 # Batches
 
 
+# Streams of the generators seeded by (seed, stream, epoch) in TokenBatches.
+_TRAIN_ORDER_STREAM = 1
+_TRAIN_OFFSET_STREAM = 2
+_FEISTEL_ROUNDS = 6
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """Return SplitMix64's finalizer of uint64 `x`: every output bit depends on
+    every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def keyed_permutation(
+    indices: np.ndarray, size: int, key: tuple[int, ...]
+) -> np.ndarray:
+    """Map `indices` in [0, size) through a pseudo-random bijection of [0, size)
+    chosen by `key`.
+
+    A random permutation of an epoch of C4 windows would hold hundreds of
+    millions of entries; this computes any slice of one from the key alone. It
+    is a balanced Feistel network on the smallest even number of bits that
+    covers `size`, with cycle walking: an output of `size` or more is passed
+    through the network again until it falls inside [0, size). The network
+    domain is less than 4 x size, so few elements need more than one pass.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    values = np.asarray(indices, dtype=np.uint64)
+    if values.size and int(values.max()) >= size:
+        raise ValueError(f"indices must be below size {size}")
+    half = max(1, ((size - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = np.random.default_rng(key).integers(
+        0, 2**63, size=_FEISTEL_ROUNDS, dtype=np.uint64
+    )
+
+    def network(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for round_key in round_keys:
+            left, right = right, left ^ (_mix64(right + round_key) & mask)
+        return (left << np.uint64(half)) | right
+
+    values = network(values)
+    outside = values >= size
+    while outside.any():
+        values[outside] = network(values[outside])
+        outside = values >= size
+    return values.astype(np.int64)
+
+
 class TokenBatches:
     """Training and validation windows of ``seq_len + 1`` tokens from packed shards.
 
@@ -958,21 +1010,57 @@ class TokenBatches:
         self._window_offsets = np.arange(seq_len + 1)
 
     def train_batch(self, step: int, batch_size: int) -> torch.Tensor:
-        """Return ``batch_size`` random training windows, shape [batch_size, seq_len + 1].
+        """Return the training windows of optimizer step `step`, shape
+        [batch_size, seq_len + 1].
 
-        The window starts come from a generator seeded by (seed, step), so the batch is
-        a pure function of (seed, step, batch_size) and a resumed run gets the same
-        batches as an uninterrupted one.
+        The training split is read in epochs, without replacement. Epoch e cuts
+        it into windows that start every seq_len tokens from an offset (0 in
+        epoch 0, drawn from (seed, e) later) and visits them in a keyed
+        pseudo-random order (`keyed_permutation`). Step s takes positions
+        s * batch_size up to (s + 1) * batch_size of the concatenated epochs,
+        so a trial whose token budget equals the split sees every training
+        token once, and a batch that crosses an epoch end continues with the
+        next epoch. The batch is a pure function of (seed, step, batch_size),
+        so a resumed run gets the same batches as an uninterrupted one.
         """
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        generator = np.random.default_rng((self.seed, step))
-        max_start = len(self._train) - (self.seq_len + 1)
-        starts = generator.integers(0, max_start, size=batch_size, endpoint=True)
+        starts = np.empty(batch_size, dtype=np.int64)
+        filled = 0
+        position = step * batch_size
+        while filled < batch_size:
+            epoch, first = self._epoch_of(position)
+            offset, windows = self._epoch_layout(epoch)
+            count = min(batch_size - filled, windows - first)
+            order = keyed_permutation(
+                np.arange(first, first + count, dtype=np.int64),
+                windows,
+                (self.seed, _TRAIN_ORDER_STREAM, epoch),
+            )
+            starts[filled : filled + count] = offset + order * self.seq_len
+            filled += count
+            position += count
         windows = self._train[starts[:, None] + self._window_offsets]
         return torch.from_numpy(np.asarray(windows, dtype=np.int64))
+
+    def _epoch_layout(self, epoch: int) -> tuple[int, int]:
+        """Return the first window's start and the window count of `epoch`."""
+        offset = 0
+        if epoch > 0:
+            generator = np.random.default_rng((self.seed, _TRAIN_OFFSET_STREAM, epoch))
+            # An offset below the spare tokens keeps the epoch's window count.
+            spare = (len(self._train) - 1) % self.seq_len
+            offset = int(generator.integers(0, spare, endpoint=True))
+        return offset, (len(self._train) - 1 - offset) // self.seq_len
+
+    def _epoch_of(self, position: int) -> tuple[int, int]:
+        """Return the epoch of training window number `position`, counted over
+        all epochs, and its index within that epoch."""
+        windows = self._epoch_layout(0)[1]
+        # Every epoch has the same window count (see _epoch_layout).
+        return position // windows, position % windows
 
     @property
     def val_windows(self) -> int:

@@ -7,8 +7,10 @@ pretrained one, such as T5's (32100 tokens, padded to 32128 embedding rows)
 or GPT-2's (50257 tokens, padded to 50304).
 
 Documents are packed: each one is followed by an EOS token and all of them
-are concatenated into one token stream, from which training windows of
-``seq_len + 1`` tokens start at random offsets. A window may therefore span a
+are concatenated into one token stream, which is cut into training windows
+of ``seq_len + 1`` tokens that start every ``seq_len`` tokens. Each epoch
+visits all windows once in a seeded random order, so a token budget equal to
+the stream is one pass over it, as in the paper's C4 runs. A window may span a
 document boundary, and the EOS token marks it. Packing spends no compute on
 padding and keeps every position a real next-token target, while truncating
 each document to ``seq_len`` would drop the tails of long documents and pad
