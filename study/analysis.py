@@ -87,6 +87,9 @@ class RecordedRun:
     budget_epochs: int | None = None
     """The epoch budget, which sets each batch size's step budget, or None
     under a step budget."""
+    target_stop: bool = True
+    """Whether trials ended when they met the target; False when they trained
+    to the end of their budget (`target.stop: false`)."""
 
     @property
     def budget_text(self) -> str:
@@ -332,6 +335,7 @@ def load_runs(
             target_metric=attrs["target_metric"],
             target_value=float(attrs["target_value"]),
             target_mode=attrs["target_mode"],
+            target_stop=bool(attrs.get("target_stop", True)),
             trials=_trial_rows(
                 optuna_study, attrs["label"], attrs["workload"], attrs["progress_unit"]
             ),

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from study.invocation import command_name
 from study.spec import (
@@ -523,37 +523,21 @@ def _run_or_resume_locked(
     spec,
     workspace: Workspace,
 ) -> int:
-    from study.lr_transfer import apply_transfer
-    from study.runner import find_continuable_run, prepare_data, run_study
+    from study.runner import prepare_data, run_study
 
-    # Data that cannot be read stops the command before the stores exist.
-    prepared = prepare_data(spec, args.scale, workspace)
-    client = workspace.open_stores()
-    run_id = getattr(args, "run_id", None)
-    if resume and run_id is None:
-        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
-        if run_id is None:
-            raise StudyFileError(
-                f"Workspace {workspace.root} contains no unfinished run of "
-                f"{spec.name} ({args.scale}) that can be continued; start one "
-                f"with `{_run_command(args, workspace)}`"
-            )
-    elif resume:
-        _check_resumable(args, spec, workspace, client, run_id)
-    elif not args.fresh:
-        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
-        if run_id is not None:
-            print(
-                f"continuing unfinished run {run_id} of {spec.name} ({args.scale}); "
-                "pass --fresh to start a new run instead"
-            )
-
-    transfer = _learning_rate_transfer(args, spec, workspace, client, run_id)
+    # `resume` needs recorded stores, so the run is chosen and checked before
+    # the data is prepared, which can take long. For `run`, data that cannot be
+    # read stops the command before the stores exist.
+    if resume:
+        client = workspace.open_stores()
+        run_id, transfer, spec = _choose_run(args, resume, spec, workspace, client)
+        prepared = prepare_data(spec, args.scale, workspace)
+    else:
+        prepared = prepare_data(spec, args.scale, workspace)
+        client = workspace.open_stores()
+        run_id, transfer, spec = _choose_run(args, resume, spec, workspace, client)
     if transfer is not None:
-        spec = apply_transfer(spec, args.scale, transfer)
         print("\n".join(transfer.describe()))
-    if run_id is not None:
-        _check_settings_unchanged(args, spec, workspace, client, run_id)
 
     # The id of the run once it is recorded, for the hint after an interrupt
     # that Ray Tune did not handle, such as a second Ctrl-C while it stops.
@@ -624,6 +608,42 @@ def _run_or_resume_locked(
     return 0
 
 
+def _choose_run(
+    args: argparse.Namespace, resume: bool, spec, workspace: Workspace, client
+) -> tuple[str | None, Any, Any]:
+    """Return the run to continue (None for a new one), the rates taken from
+    --lr-from and the spec with those rates; stop when that run cannot be
+    continued as asked."""
+    from study.lr_transfer import apply_transfer
+    from study.runner import find_continuable_run
+
+    run_id = getattr(args, "run_id", None)
+    if resume and run_id is None:
+        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
+        if run_id is None:
+            raise StudyFileError(
+                f"Workspace {workspace.root} contains no unfinished run of "
+                f"{spec.name} ({args.scale}) that can be continued; start one "
+                f"with `{_run_command(args, workspace)}`"
+            )
+    elif resume:
+        _check_resumable(args, spec, workspace, client, run_id)
+    elif not args.fresh:
+        run_id = find_continuable_run(client, spec.name, args.scale, workspace)
+        if run_id is not None:
+            print(
+                f"continuing unfinished run {run_id} of {spec.name} "
+                f"({args.scale}); pass --fresh to start a new run instead"
+            )
+    transfer = _learning_rate_transfer(args, spec, workspace, client, run_id)
+    checked = spec
+    if transfer is not None:
+        checked = apply_transfer(spec, args.scale, transfer)
+    if run_id is not None:
+        _check_settings_unchanged(args, checked, workspace, client, run_id)
+    return run_id, transfer, checked
+
+
 def _check_resumable(
     args: argparse.Namespace, spec, workspace: Workspace, client, run_id: str
 ) -> None:
@@ -635,10 +655,26 @@ def _check_resumable(
     run = f"Run {run_id} of {spec.name} ({args.scale})"
     parent = find_parent_run(client, spec.name, args.scale, run_id)
     if parent is None:
+        from study.runner import unfinished_runs
+
+        unfinished = [
+            other.data.tags.get("study_run_id", other.info.run_id)
+            for other in unfinished_runs(client, spec.name, args.scale, workspace)
+        ]
+        if unfinished:
+            fix = (
+                f"its unfinished runs are {', '.join(unfinished)}; pass one of "
+                f"them to --run-id, or continue the latest with "
+                f"`{_resume_command(args, workspace)}`"
+            )
+        else:
+            fix = (
+                "it holds no unfinished run of this scale; start one with "
+                f"`{_run_command(args, workspace)}`"
+            )
         raise StudyFileError(
             f"{run} is not recorded in the tracking store of workspace "
-            f"{workspace.root}; continue the latest unfinished run with "
-            f"`{_resume_command(args, workspace)}`"
+            f"{workspace.root}; {fix}"
         )
     if parent.info.status == "FINISHED":
         raise StudyFileError(

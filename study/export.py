@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,8 @@ def _title(analysis: PowerAnalysis, metric: str) -> str:
         )
     else:
         name = "val/loss" if metric == "final_loss" else "val/accuracy"
-        description = f"last recorded {name} (target {target})"
+        when = "last recorded" if run.target_stop else "end-of-budget"
+        description = f"{when} {name} (target {target})"
     return f"{run.study} ({run.scale}), {run.label}: {description}"
 
 
@@ -253,11 +255,20 @@ def build_table(
         cells = _final_value_cells(analysis, metric, spread)
         lower_is_better = metric == "final_loss"
         best = {b: _row_best(row, lower_is_better) for b, row in cells.items()}
-        footnotes.append(
-            f"Cells are the median over seeds of the last recorded value. {DAGGER}: "
-            "a seed of the cell did not reach the target, so the value is at the "
-            "budget rather than at the target. Bold: the best value of the row."
-        )
+        if analysis.run.target_stop:
+            footnotes.append(
+                f"Cells are the median over seeds of the last recorded value. "
+                f"{DAGGER}: a seed of the cell did not reach the target, so the value "
+                "is at the budget rather than at the target. Bold: the best value "
+                "of the row."
+            )
+        else:
+            footnotes.append(
+                "Cells are the median over seeds of the value at the end of the "
+                "budget; trials trained on after meeting the target. "
+                f"{DAGGER}: a seed of the cell never met the target. Bold: the best "
+                "value of the row."
+            )
     if spread:
         footnotes.append("'± s': standard deviation over the seeds of the cell.")
     powers = sorted({p for row in cells.values() for p in row})
@@ -333,14 +344,16 @@ _LATEX_SPECIAL = {
 
 def _latex_escape(text: str) -> str:
     escaped = "".join(_LATEX_SPECIAL.get(char, char) for char in text)
-    return (
+    escaped = (
         escaped.replace("<=", r"$\le$")
         .replace(">=", r"$\ge$")
         .replace("±", r"$\pm$")
         .replace(">", r"$>$")
         .replace(DAGGER, r"$^\dagger$")
-        .replace("'", "")
     )
+    # A quote that opens a word is typeset as an opening quote; the others, as
+    # in "trials' last", stay apostrophes.
+    return re.sub(r"(?<![\w.])'", "`", escaped)
 
 
 def to_latex(table: PowerTable, label: str) -> str:

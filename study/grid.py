@@ -47,6 +47,7 @@ def _trial_config(
             "target_metric": entry.target.metric,
             "target_value": entry.target.value,
             "target_mode": entry.target.mode,
+            "target_stop": entry.target.stop,
         }
     return TrialConfig(
         workload=entry.workload or label,

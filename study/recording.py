@@ -319,6 +319,7 @@ class StudyRecorder:
                     attributes["target_metric"] = config["target_metric"]
                     attributes["target_value"] = config["target_value"]
                     attributes["target_mode"] = config["target_mode"]
+                    attributes["target_stop"] = config["target_stop"]
                 # Under an epoch budget each batch size has its own step budget,
                 # so the entry records the largest and each trial its own.
                 attributes["budget_steps"] = max(

@@ -98,7 +98,8 @@ def trial_resources(param_space: dict[str, Any]) -> tune.PlacementGroupFactory:
 
 
 class TargetStopper(tune.Stopper):
-    """Stops a trial once its result carries an end state or meets its target."""
+    """Stops a trial once its result carries an end state or meets a target
+    that ends trials (`target.stop`)."""
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if result.get("end_state"):
@@ -107,6 +108,8 @@ class TargetStopper(tune.Stopper):
         if raw_config["workload"] == TOY_WORKLOAD:
             return False
         config = TrialConfig.from_dict(raw_config)
+        if not config.target_stop:
+            return False
         value = result.get(config.target_metric)
         return value is not None and config.target_met(value)
 

@@ -280,6 +280,11 @@ class Target(Strict):
     metric: str = "val/loss"
     value: float = Field(allow_inf_nan=False)
     mode: Literal["min", "max"] = "min"
+    stop: bool = True
+    """End a trial when it meets the target. With false it trains to the end
+    of its budget and still records the step that met the target, so that
+    both the time to target and the value after the whole schedule (such as
+    the paper's Table 2 accuracies) are known."""
 
 
 class Budget(Strict):
@@ -946,7 +951,8 @@ def _check_series(scale_name: str, scale: Scale) -> None:
 # Tags of the tagged unions, which pydantic puts into error locations.
 _UNION_TAGS = frozenset({ENTRY_TOY, ENTRY_TRAINING, _LR_LIST, _LR_PER_BATCH_SIZE})
 _MAX_INPUT_REPR = 80
-_NUMBER_TYPES = frozenset({"int_type", "float_type"})
+_WHOLE_NUMBER_TYPES = frozenset({"int_type", "int_parsing", "int_from_float"})
+_NUMBER_TYPES = frozenset({"float_type", "float_parsing"})
 
 
 def _describe_error(item: Any) -> tuple[tuple[str | int, ...], str]:
@@ -966,14 +972,51 @@ def _describe_error(item: Any) -> tuple[tuple[str | int, ...], str]:
         if len(input_repr) > _MAX_INPUT_REPR:
             input_repr = input_repr[: _MAX_INPUT_REPR - 3] + "..."
         message = f"{message} (got {input_repr})"
-        if item["type"] in _NUMBER_TYPES and isinstance(value, str):
-            message += "; write numbers without quotes"
-        limits = item.get("ctx", {})
-        if item["type"] == "greater_than_equal":
-            message += f"; use {limits['ge']} or more"
-        elif item["type"] == "greater_than":
-            message += f"; use a value above {limits['gt']}"
+        fix = _type_error_fix(item["type"], value, item.get("ctx", {}))
+        if fix:
+            message += f"; {fix}"
     return location, message
+
+
+def _is_number_text(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _type_error_fix(kind: str, value: Any, limits: dict[str, Any]) -> str | None:
+    """Return the fix for a pydantic error of type `kind` on `value`, or None."""
+    if kind in _WHOLE_NUMBER_TYPES | _NUMBER_TYPES and _is_number_text(value):
+        return "write numbers without quotes"
+    if kind in _WHOLE_NUMBER_TYPES:
+        return "write a whole number, such as 4"
+    if kind in _NUMBER_TYPES:
+        return "write a number, such as 0.001 or 1e-3"
+    if kind in {"bool_type", "bool_parsing"}:
+        return "write true or false"
+    if kind == "list_type":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"write a list, such as [{value}]"
+        return "write a list in square brackets"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return "write a mapping of keys to values, such as {key: value}"
+    if kind == "string_type":
+        return "write text"
+    if kind == "greater_than_equal":
+        return f"use {limits['ge']} or more"
+    if kind == "greater_than":
+        return f"use a value above {limits['gt']}"
+    if kind == "less_than_equal":
+        return f"use {limits['le']} or less"
+    if kind == "less_than":
+        return f"use a value below {limits['lt']}"
+    if kind == "too_short":
+        return f"give at least {limits['min_length']} item(s)"
+    if kind == "too_long":
+        return f"give at most {limits['max_length']} item(s)"
+    return None
 
 
 def _line_of(root: yaml.Node | None, location: tuple[str | int, ...]) -> int | None:
@@ -1159,10 +1202,11 @@ def check_local_resources(
     devices that torch detects, counted only when an entry asks for a GPU.
     """
     available = os.cpu_count() if cpu_count is None else cpu_count
+    problems = []
     for label, entry in scale.workloads.items():
         cpus = entry.resources.cpu
         if available is not None and cpus > available:
-            raise StudyFileError(
+            problems.append(
                 f"scales.{scale_name}.workloads.{label}.resources.cpu {cpus:g} is "
                 f"more than the {available} CPUs of this machine, so the local Ray "
                 "cluster would never start its trials; lower resources.cpu to "
@@ -1176,13 +1220,20 @@ def check_local_resources(
             gpu_count = _local_gpu_count()
         if gpus > gpu_count:
             found = f"{gpu_count} GPUs" if gpu_count else "no GPU"
-            raise StudyFileError(
+            problems.append(
                 f"scales.{scale_name}.workloads.{label}.resources.gpu {gpus:g} is "
                 f"more than this machine has ({found} that torch can use), so the "
                 "local Ray cluster would never start its trials; run this scale on "
                 "a machine with GPUs, or pass --ray-address of a Ray cluster with "
                 "GPU nodes"
             )
+    if len(problems) == 1:
+        raise StudyFileError(problems[0])
+    if problems:
+        raise StudyFileError(
+            f"scale {scale_name!r} needs more than this machine has:\n"
+            + "\n".join(f"  {problem}" for problem in problems)
+        )
 
 
 def _local_gpu_count() -> int:

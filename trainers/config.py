@@ -72,6 +72,9 @@ class TrialConfig:
     target_metric: str = "val/loss"
     target_mode: str = "min"
     """`min` when lower is better (losses), `max` for accuracies."""
+    target_stop: bool = True
+    """End the trial when it meets the target; False trains on to the end of
+    the budget and keeps the step of the first evaluation that met it."""
 
     threads: int = 1
     """torch intra-op threads; the study layer sets it to the trial's CPU count."""

@@ -114,6 +114,10 @@ def run_trial(
 ) -> TrialOutcome:
     """Train until the target is met, the budget is spent or the loss diverges.
 
+    With `config.target_stop` off, a trial that meets the target trains on to
+    the end of its budget and ends as reached, its `target/*` metrics from
+    the first evaluation that met the target.
+
     `report` receives a metrics dict after every logged step; the last one it
     receives carries `end_state`. Every `checkpoint_every_steps` it also gets
     the training state as `checkpoint=`, which `restore` takes back to
@@ -151,6 +155,9 @@ def run_trial(
     progress = int(counters["progress"])
     train_seconds = counters["train_seconds"]
     eval_seconds = counters["eval_seconds"]
+    # With target_stop off, the metrics of the first evaluation that met the
+    # target; every later report carries them.
+    reached = {k: v for k, v in counters.items() if k.startswith("target/")}
     metrics: dict[str, Any] = {}
     skipped_steps = 0
 
@@ -220,21 +227,27 @@ def run_trial(
             eval_seconds += time.perf_counter() - eval_started
             metrics["time/eval_sec"] = eval_seconds
             value = metrics.get(config.target_metric)
-            if value is not None and config.target_met(value):
-                metrics["end_state"] = "reached"
-                metrics["target/steps"] = steps_done
-                metrics[f"target/{unit}"] = progress
-                metrics["target/train_sec"] = train_seconds
-                report(metrics)
-                return TrialOutcome("reached", steps_done, metrics)
+            if value is not None and config.target_met(value) and not reached:
+                reached = {
+                    "target/steps": steps_done,
+                    f"target/{unit}": progress,
+                    "target/train_sec": train_seconds,
+                }
+                if config.target_stop:
+                    metrics.update(reached, end_state="reached")
+                    report(metrics)
+                    return TrialOutcome("reached", steps_done, metrics)
             if value is not None and not math.isfinite(value):
                 metrics["end_state"] = "diverged"
                 report(metrics)
                 return TrialOutcome("diverged", steps_done, metrics)
 
+        metrics.update(reached)
         if last_step:
             # Without a target the whole budget is the plan, not a censoring.
             state = "censored" if config.target_value is not None else "complete"
+            if reached:
+                state = "reached"
             metrics["end_state"] = state
             report(metrics)
             return TrialOutcome(state, steps_done, metrics)
@@ -245,6 +258,7 @@ def run_trial(
                 "progress": progress,
                 "train_seconds": train_seconds,
                 "eval_seconds": eval_seconds,
+                **reached,
             }
             state = capture_state(
                 model, optimizer, scheduler, counters, precision.scaler

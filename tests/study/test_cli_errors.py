@@ -966,9 +966,35 @@ def test_resume_finished_run_id_rejected(tmp_path, monkeypatch, capsys):
     assert "Run 20000101-000000-beef of batch_power_grid (smoke) is not recorded" in (
         error
     )
-    assert _printed_command(error, "unfinished run with")[0] == "resume"
+    assert "holds no unfinished run of this scale" in error
+    assert _printed_command(error, "start one with")[0] == "run"
     (parent,) = _parent_runs(workspace, STUDY)[:1]
     assert parent.info.status == "FINISHED"
+
+
+def test_resume_unknown_run_id_lists_unfinished_runs(tmp_path, monkeypatch, capsys):
+    workspace = tmp_path / "ws"
+    unfinished = record_run(workspace, {0: "reached"}).run.run_id
+    capsys.readouterr()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data prepared for a run id that is not recorded")
+
+    monkeypatch.setattr("study.runner.prepare_data", no_data)
+    args = _study_args("resume", workspace) + ["--run-id", "20000101-000000-beef"]
+    assert main(args) == EXIT_BAD_INPUT
+    error = _one_error(capsys)
+    assert f"its unfinished runs are {unfinished}; pass one of them to --run-id" in (
+        error
+    )
+    assert _printed_command(error, "continue the latest with") == [
+        "resume",
+        STUDY,
+        "--scale",
+        SCALE,
+        "--workspace",
+        str(workspace),
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,10 @@ def test_latex_structure(analysis):
     assert "$>$63" in body[1]
     assert r"batch\_power\_grid" in text
     assert r"\label{tab:test}" in text
+    # Apostrophes stay; a quote that opens a word becomes LaTeX's opening quote.
+    assert "the trials' last evaluation" in text
+    spread = to_latex(build_table(analysis, "final_loss", spread=True), "tab:spread")
+    assert r"`$\pm$ s': standard deviation" in spread
 
     # Only booktabs beyond plain LaTeX.
     commands = set(re.findall(r"\\([a-zA-Z]+)", text))

@@ -396,6 +396,22 @@ def test_spec_quoted_number_names_fix(tmp_path):
     assert "write numbers without quotes" in message
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"eval_every_steps": 2.5}, "(got 2.5); write a whole number"),
+        ({"eval_every_steps": "often"}, "(got 'often'); write a whole number"),
+        ({"train.weight_decay": "none"}, "(got 'none'); write a number"),
+        ({"grid.power": 1.2}, "(got 1.2); write a list, such as [1.2]"),
+        ({"grid.power": "all"}, "(got 'all'); write a list in square brackets"),
+        ({"model": "tiny"}, "(got 'tiny'); write a mapping of keys to values"),
+        ({"target.stop": "maybe"}, "(got 'maybe'); write true or false"),
+    ],
+)
+def test_spec_type_error_names_fix(tmp_path, change, expected):
+    assert expected in _load_error(_write_study(tmp_path, **change))
+
+
 def test_cli_list_skips_torch():
     """`study list` validates every study without importing the trainers."""
     code = (
@@ -462,6 +478,20 @@ def test_spec_rejects_gpu_scale_without_gpus(scale_name):
     assert f"scales.{scale_name}.workloads." in message
     assert "resources.gpu 1 is more than this machine has (no GPU" in message
     assert "--ray-address" in message
+
+
+def test_spec_names_every_missing_resource_at_once():
+    scale = load_study("batch_power_grid").scale("paper")
+    with pytest.raises(StudyFileError) as error:
+        check_local_resources(scale, "paper", cpu_count=2, gpu_count=0)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "scale 'paper' needs more than this machine has:"
+    assert [line.split(" is more")[0].strip() for line in lines[1:]] == [
+        "scales.paper.workloads.lm.resources.cpu 8",
+        "scales.paper.workloads.lm.resources.gpu 1",
+        "scales.paper.workloads.vision.resources.cpu 4",
+        "scales.paper.workloads.vision.resources.gpu 0.5",
+    ]
 
 
 def test_spec_accepts_gpus_the_machine_has():

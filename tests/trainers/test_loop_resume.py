@@ -210,3 +210,29 @@ def test_loop_infinite_gradient_leaves_parameters(monkeypatch):
     before_bad_step = workload.snapshots[InfiniteGradientWorkload.bad_step]
     for parameter, snapshot in zip(workload.model.parameters(), before_bad_step):
         assert torch.equal(parameter.detach(), snapshot)
+
+
+def test_loop_trains_past_target_without_stop(lm_data):
+    """With target_stop off a trial that meets the target at its first
+    evaluation trains to its budget, ends as reached and keeps the first
+    evaluation's target metrics, also after a resume from a later checkpoint."""
+    stopping = _config(lm_data, target_value=100.0)
+    outcome = run_trial(stopping, lambda metrics, checkpoint=None: None)
+    assert (outcome.end_state, outcome.steps) == ("reached", 6)
+
+    metrics: list[dict] = []
+    checkpoints: list[dict] = []
+    config = _config(lm_data, target_value=100.0, target_stop=False)
+    outcome = run_trial(config, _keep_reports(metrics, checkpoints))
+    assert (outcome.end_state, outcome.steps) == ("reached", 24)
+    assert outcome.final_metrics["target/steps"] == 6
+    assert outcome.final_metrics["target/tokens"] == 6 * 4 * 16
+    assert [m.get("target/steps") for m in metrics if m["step"] >= 6] == [6] * 19
+    assert all("target/steps" not in m for m in metrics if m["step"] < 6)
+
+    resumed = run_trial(
+        config, lambda metrics, checkpoint=None: None, restore=checkpoints[-1]
+    )
+    assert resumed.end_state == "reached"
+    assert resumed.final_metrics["target/steps"] == 6
+    assert resumed.final_metrics["val/loss"] == pytest.approx(outcome.final_metrics["val/loss"])
