@@ -349,7 +349,10 @@ class StudyRecorder:
             record.end_state = mlflow_run.data.tags.get("end_state")
             record.mlflow_status = mlflow_run.info.status
             record.mlflow_done = record.end_state in END_STATES
-            if not record.mlflow_done:
+            if record.mlflow_done:
+                # The latest value of each metric, as the trial's last result.
+                record.last_result = dict(mlflow_run.data.metrics)
+            else:
                 history = self.client.get_metric_history(
                     record.mlflow_run_id, "train/loss"
                 )

@@ -140,15 +140,24 @@ class Progress:
     def stopped(self, key: str) -> None:
         self.running.discard(key)
 
+    def recall(self, plan: TrialPlan, state: str, result: dict[str, Any]) -> None:
+        """Count a trial that an earlier process of this run finished into the
+        best p per batch size, without printing it."""
+        self._describe(plan, state, result)
+
+    def _describe(
+        self, plan: TrialPlan, state: str, result: dict[str, Any]
+    ) -> tuple[str, str]:
+        if state == "complete" and "noise_ratio" in plan.params:
+            return self._toy_detail(plan, result)
+        if state == "complete":
+            return self._final_loss_detail(plan, result)
+        return self._training_detail(plan, state, result)
+
     def finished(self, plan: TrialPlan, state: str, result: dict[str, Any]) -> None:
         self.running.discard(plan.key)
         self.done[plan.key] = state
-        if state == "complete" and "noise_ratio" in plan.params:
-            detail, best_text = self._toy_detail(plan, result)
-        elif state == "complete":
-            detail, best_text = self._final_loss_detail(plan, result)
-        else:
-            detail, best_text = self._training_detail(plan, state, result)
+        detail, best_text = self._describe(plan, state, result)
         pending = self.total - len(self.done) - len(self.running)
         logger.info(
             "[%d done, %d running, %d pending] %s: %s; %s",
@@ -223,13 +232,16 @@ class RecordingCallback(tune.Callback):
 
     def setup(self, **info) -> None:
         self.recorder.connect()
-        self.progress.sync(
-            {
-                key: record.end_state
-                for key, record in self.recorder.records.items()
-                if record.finished
-            }
-        )
+        finished = {
+            key: record
+            for key, record in self.recorder.records.items()
+            if record.finished
+        }
+        self.progress.sync({key: record.end_state for key, record in finished.items()})
+        for key, record in finished.items():
+            self.progress.recall(
+                self.recorder.plans[key], record.end_state, record.last_result
+            )
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.recorder.start(self._key(trial))

@@ -140,6 +140,32 @@ def test_progress_counts_rerun_trial_once(tmp_path, caplog):
     assert lines[-1].startswith(f"[{len(plans)} done, 0 running, 0 pending] ")
 
 
+def test_progress_best_power_includes_earlier_process(tmp_path, caplog):
+    # Trial 0 reached the target in 8 steps before the driver stopped.
+    recorded = record_run(tmp_path / "ws", {0: "reached"})
+    plans = recorded.plans
+    first = plans[0]
+    callback = RecordingCallback(_recorder(recorded), Progress(plans, {}))
+    callback.setup()
+    caplog.set_level(logging.INFO, logger="study")
+
+    later = next(
+        plan
+        for plan in plans[1:]
+        if plan.label == first.label
+        and plan.params["batch_size"] == first.params["batch_size"]
+    )
+    trial = FakeTrial(later.key)
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, reached_result(later, 30))
+    callback.on_trial_complete(0, [], trial)
+
+    (line,) = [r.getMessage() for r in caplog.records if later.key in r.getMessage()]
+    assert line.endswith(
+        f"at this batch size best p={first.params['power']:g} (8 steps)"
+    ), line
+
+
 def test_child_params_name_training_settings(tmp_path):
     recorded = record_run(
         tmp_path / "ws", {index: "reached" for index in range(4)}, study="blockwise_lr"
