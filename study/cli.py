@@ -501,6 +501,7 @@ def _run_or_resume(
     check_stores(args.tracking_uri, args.optuna_storage, args.ray_address)
     if not spec.is_toy():
         check_data_cache_writable(args.data_cache)
+    created = not resume and not Path(args.workspace).expanduser().exists()
     workspace = Workspace.open(
         args.workspace,
         args.tracking_uri,
@@ -512,8 +513,14 @@ def _run_or_resume(
         _require_recorded_run(args, workspace, spec.name, args.name)
         workspace.require_recorded()
         workspace.require_writable(f"{command_name()} resume")
-    with workspace.run_lock(spec.name, args.scale):
-        return _run_or_resume_locked(args, resume, sigterm, spec, workspace)
+    try:
+        with workspace.run_lock(spec.name, args.scale):
+            return _run_or_resume_locked(args, resume, sigterm, spec, workspace)
+    finally:
+        if created:
+            # Data that cannot be read stops `run` before anything is recorded;
+            # a workspace folder that this command made then goes again.
+            workspace.remove_if_unused()
 
 
 def _run_or_resume_locked(

@@ -94,6 +94,23 @@ class Workspace:
         _check_sqlite_file(workspace.optuna_storage, "Optuna storage", optuna_storage)
         return workspace
 
+    def remove_if_unused(self) -> None:
+        """Remove the workspace folder when it holds nothing but lock files,
+        as after a command that created it and then stopped before recording
+        anything."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return
+        if any(not re.fullmatch(r"\.(run-.*|stores)\.lock", e.name) for e in entries):
+            return
+        try:
+            for entry in entries:
+                entry.unlink()
+            self.root.rmdir()
+        except OSError as error:
+            logger.debug("workspace %s not removed: %s", self.root, error)
+
     @contextlib.contextmanager
     def store_setup_lock(self) -> Iterator[None]:
         """Hold an exclusive lock while creating the stores' tables.

@@ -729,8 +729,18 @@ def test_run_bad_shard_writes_no_stores(tmp_path):
     code = main(_run_args(workspace, "--data-cache", str(cache), study=str(path)))
 
     assert code == EXIT_BAD_INPUT
-    for name in ("mlflow.db", "optuna.db", "workspace.json"):
-        assert not (workspace / name).exists(), name
+    # The command made the workspace folder, so it removes it again.
+    assert not workspace.exists()
+
+    # A folder that existed before keeps what it held.
+    workspace.mkdir()
+    (workspace / "notes.txt").write_text("mine")
+    code = main(_run_args(workspace, "--data-cache", str(cache), study=str(path)))
+    assert code == EXIT_BAD_INPUT
+    assert sorted(entry.name for entry in workspace.iterdir()) == [
+        ".run-local_data-smoke.lock",
+        "notes.txt",
+    ]
 
 
 def test_train_empty_tokenizer_folder(tmp_path, monkeypatch, capsys):
