@@ -235,4 +235,6 @@ def test_loop_trains_past_target_without_stop(lm_data):
     )
     assert resumed.end_state == "reached"
     assert resumed.final_metrics["target/steps"] == 6
-    assert resumed.final_metrics["val/loss"] == pytest.approx(outcome.final_metrics["val/loss"])
+    assert resumed.final_metrics["val/loss"] == pytest.approx(
+        outcome.final_metrics["val/loss"]
+    )
