@@ -434,3 +434,38 @@ def test_epoch_budget_recorded_per_trial(tmp_path):
     assert run.budget_epochs == 200
     assert run.budget_steps == 39063
     assert run.budget_text == "200 epochs"
+
+
+@pytest.mark.parametrize(
+    "study",
+    [
+        "batch_power_grid",
+        "power_sweep",
+        "muon_power",
+        "blockwise_lr",
+        "adam_vs_adampower",
+    ],
+)
+def test_lr_tune_paper_scale_covers_paper_entries(study):
+    """Every batch size of the paper scales that take --lr-from finds exactly one
+    tuning entry; batch_power_grid's above 512 take the entry with its data."""
+    from study.compare_analysis import BestRate
+    from study.lr_transfer import _match
+    from study.spec import training_entries
+
+    tuning = training_entries(load_study("lr_tune").scale("paper"))
+    rates = [
+        BestRate(label, entry.workload or label, dict(entry.model), dict(entry.data),
+                 batch_size, 0.001, 3.0, 1, "run")
+        for label, entry in tuning.items()
+        for batch_size in entry.grid.batch_size
+    ]  # fmt: skip
+    for label, entry in training_entries(load_study(study).scale("paper")).items():
+        for batch_size in entry.grid.batch_size:
+            matches = _match(rates, label, entry, batch_size)
+            assert len(matches) == 1, (label, batch_size, [m.label for m in matches])
+            if study == "batch_power_grid" and batch_size > 512:
+                assert matches[0].label in {
+                    "llama_0.2b_c4_batch_grid",
+                    "resnet34_cifar10",
+                }
