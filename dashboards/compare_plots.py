@@ -5,7 +5,10 @@
 - `plot_loss_vs_params`: final loss against the number of parameters on
   log-log axes with each variant's fitted power law;
 - `plot_loss_vs_lr`: final loss against lr_max on a log x axis, one line per
-  (label, batch size), the best lr_max starred.
+  (label, batch size), the best lr_max starred;
+- `plot_loss_curves`: validation loss against the step, one panel per
+  (setting, batch size) and one line per variant, like the paper's loss
+  curves of Adam and AdamPower.
 
 The figures use matplotlib's object API with the Agg canvas, so they need no
 display and leave pyplot's global state alone.
@@ -209,4 +212,30 @@ def plot_loss_vs_lr(grid: pd.DataFrame, title: str, path: Path) -> Path:
     axes.set_ylabel("final val/loss")
     axes.set_title(f"{title}: Adam final loss against lr_max (star: best)")
     _legend(axes)
+    return _save(figure, path)
+
+
+def plot_loss_curves(histories: pd.DataFrame, title: str, path: Path) -> Path:
+    """Plot the validation loss against the step, one panel per (setting, batch
+    size) and one line per variant. `histories` needs setting, batch_size,
+    variant, step and val_loss columns (median over seeds)."""
+    panels = sorted(
+        {(str(s), int(b)) for s, b in zip(histories.setting, histories.batch_size)}
+    )
+    figure, axes_list = _panels(len(panels))
+    if not panels:
+        _no_data(axes_list[0], "no validation histories")
+    for axes, (setting, batch_size) in zip(axes_list, panels):
+        panel = histories[
+            (histories.setting.astype(str) == setting)
+            & (histories.batch_size == batch_size)
+        ]
+        for variant, line in panel.groupby("variant"):
+            line = line.sort_values("step")
+            axes.plot(line.step, line.val_loss, label=str(variant))
+        axes.set_title(f"{setting}, B={batch_size}", fontsize="medium")
+        axes.set_xlabel("step")
+        axes.set_ylabel("val/loss (median over seeds)")
+        _legend(axes)
+    figure.suptitle(f"{title}: validation loss during training")
     return _save(figure, path)

@@ -942,6 +942,11 @@ def _analyze_final_states(
     handler = _final_state_analysis(_analysis_kind(spec))
     result = handler.analyze(workspace.optuna_storage, spec.name, scale, run_id)
     analyses = result if isinstance(result, list) else [result]
+    if client is not None and _analysis_kind(spec) == "compare":
+        from study.compare_curves import attach_curves
+
+        for analysis in analyses:
+            attach_curves(client, analysis)
     for analysis in analyses:
         print(f"\n{spec.name} ({scale}), run {analysis.run_id}")
         print(handler.to_markdown(analysis), end="")
@@ -1188,7 +1193,10 @@ def command_analyze(args: argparse.Namespace) -> int:
         _reject_table_options(args, spec)
         # These analyses also write their tables under exports/.
         workspace = _open_recorded_workspace(args, spec, f"{command_name()} analyze")
-        _analyze_final_states(workspace, spec, args.scale, args.run_id)
+        # The client reads the training curves; without a parent run id
+        # nothing is logged.
+        client = _mlflow_client(workspace)
+        _analyze_final_states(workspace, spec, args.scale, args.run_id, client)
         return 0
     workspace = _open_recorded_workspace(args, spec)
     analyses = _load_analyses(

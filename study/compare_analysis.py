@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import optuna
@@ -129,6 +130,10 @@ class CompareAnalysis:
     """Per fitted variant with a fitted baseline: both fits at the largest N."""
     counts: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    curves: Any = None
+    """The gap during training and the loss spikes (`study.compare_curves`),
+    when the run's MLflow histories were read; None otherwise."""
+    findings: list[str] = field(default_factory=list)
 
     @property
     def stem(self) -> str:

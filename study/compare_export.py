@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from dashboards.compare_plots import (
+    plot_loss_curves,
     plot_loss_vs_lr,
     plot_loss_vs_params,
     plot_loss_vs_power,
@@ -26,6 +27,7 @@ from study.compare_analysis import (
     base_optimizer_name,
     fits_frame,
 )
+from study.compare_curves import GAP_RULE, SPIKE_RULE, curve_frame
 from study.export import _latex_escape, frame_to_markdown
 
 # Table formats that the exports write; html is `study report`'s page.
@@ -201,6 +203,14 @@ def compare_markdown(analysis: CompareAnalysis) -> str:
                 f"{row.model_params:.4g} ({row.baseline_predicted:.4f} vs "
                 f"{row.variant_predicted:.4f})"
             )
+    if analysis.curves is not None and len(analysis.curves.gaps):
+        parts += [
+            "",
+            "## Gap during training",
+            "",
+            frame_to_markdown(curve_frame(analysis.curves)),
+            f"Gap: {GAP_RULE}. Spikes: {SPIKE_RULE}.",
+        ]
     if analysis.notes:
         parts += ["", "## Notes", ""]
         parts += [f"- {note}" for note in analysis.notes]
@@ -388,6 +398,15 @@ def export_compare(
         _write_best_power_files(analysis, directory, paths, formats)
     if analysis.fits:
         _write_fit_files(analysis, directory, paths, formats)
+    if analysis.curves is not None and len(analysis.curves.histories):
+        if "csv" in formats:
+            paths["curves_csv"] = directory / f"{stem}-gap-during-training.csv"
+            analysis.curves.gaps.to_csv(paths["curves_csv"], index=False)
+        paths["plot_curves"] = plot_loss_curves(
+            analysis.curves.histories,
+            _title(analysis),
+            directory / f"{stem}-loss-curves.png",
+        )
     return paths
 
 
@@ -474,4 +493,6 @@ def report_sections(
         sections.append(("Best power", best_power_frame(analysis)))
     if analysis.fits:
         sections.append(("Loss against parameters", fit_frame_text(analysis)))
+    if analysis.curves is not None and len(analysis.curves.gaps):
+        sections.append(("Gap during training", curve_frame(analysis.curves)))
     return sections

@@ -982,7 +982,7 @@ def test_resume_finished_run_id_rejected(tmp_path, monkeypatch, capsys):
     assert parent.info.status == "FINISHED"
 
 
-def test_resume_unknown_run_id_lists_unfinished_runs(tmp_path, monkeypatch, capsys):
+def test_resume_unknown_id_lists_unfinished(tmp_path, monkeypatch, capsys):
     workspace = tmp_path / "ws"
     unfinished = record_run(workspace, {0: "reached"}).run.run_id
     capsys.readouterr()

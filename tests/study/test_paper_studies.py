@@ -446,7 +446,7 @@ def test_epoch_budget_recorded_per_trial(tmp_path):
         "adam_vs_adampower",
     ],
 )
-def test_lr_tune_paper_scale_covers_paper_entries(study):
+def test_lr_tune_covers_paper_entries(study):
     """Every batch size of the paper scales that take --lr-from finds exactly one
     tuning entry; batch_power_grid's above 512 take the entry with its data."""
     from study.compare_analysis import BestRate
@@ -469,3 +469,21 @@ def test_lr_tune_paper_scale_covers_paper_entries(study):
                     "llama_0.2b_c4_batch_grid",
                     "resnet34_cifar10",
                 }
+
+
+def test_curve_gap_ends_at_final_gap(studies):
+    """The curve table's gap at 100% of the budget is the gap table's final gap
+    (one seed, evaluated at the last step), read from the MLflow histories."""
+    workspace, results = studies
+    assert "## Gap during training" in results["adam_vs_adampower"].stdout
+    gaps = _gaps(workspace, "adam_vs_adampower")
+    curves = pd.read_csv(
+        _export(workspace, "adam_vs_adampower", "-gap-during-training.csv")
+    )
+    assert len(curves) == len(gaps[gaps.status == "ok"])
+    for row in curves.itertuples():
+        final = gaps[(gaps.setting == row.setting) & (gaps.variant == row.variant)]
+        assert row.gap_100 == pytest.approx(float(final.gap.iloc[0]), abs=1e-6)
+        assert row.spikes >= 0 and row.baseline_spikes >= 0
+    assert _export(workspace, "adam_vs_adampower", "-loss-curves.png").stat().st_size
+    assert "finding: llama_tiny, batch size" in results["adam_vs_adampower"].stdout

@@ -140,7 +140,7 @@ def test_progress_counts_rerun_trial_once(tmp_path, caplog):
     assert lines[-1].startswith(f"[{len(plans)} done, 0 running, 0 pending] ")
 
 
-def test_progress_best_power_includes_earlier_process(tmp_path, caplog):
+def test_progress_best_counts_earlier_trials(tmp_path, caplog):
     # Trial 0 reached the target in 8 steps before the driver stopped.
     recorded = record_run(tmp_path / "ws", {0: "reached"})
     plans = recorded.plans

@@ -480,7 +480,7 @@ def test_spec_rejects_gpu_scale_without_gpus(scale_name):
     assert "--ray-address" in message
 
 
-def test_spec_names_every_missing_resource_at_once():
+def test_spec_names_all_missing_resources():
     scale = load_study("batch_power_grid").scale("paper")
     with pytest.raises(StudyFileError) as error:
         check_local_resources(scale, "paper", cpu_count=2, gpu_count=0)

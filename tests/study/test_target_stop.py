@@ -13,7 +13,7 @@ from tests.study.resilience_support import child_runs, optuna_trials, write_stud
 pytestmark = pytest.mark.slow
 
 
-def test_trials_train_past_target_when_stop_is_false(tmp_path, capsys):
+def test_stop_false_trains_past_target(tmp_path, capsys):
     grid = {"batch_size": [8], "power": [1.0, 1.2], "lr_max": [0.01], "seed": [0]}
     path = write_study(
         tmp_path,

@@ -503,7 +503,7 @@ def _counting_shards(directory: Path, train_tokens: int) -> TokenShards:
     )
 
 
-def test_train_batches_read_each_epoch_without_replacement(tmp_path):
+def test_train_epochs_without_replacement(tmp_path):
     # 10 windows of 8 + 1 tokens and 4 spare tokens; batches of 3 cross epochs.
     shards = _counting_shards(tmp_path / "shards", 10 * 8 + 1 + 4)
     batches = TokenBatches(shards, seq_len=8, seed=5)

@@ -212,7 +212,7 @@ def test_loop_infinite_gradient_leaves_parameters(monkeypatch):
         assert torch.equal(parameter.detach(), snapshot)
 
 
-def test_loop_trains_past_target_without_stop(lm_data):
+def test_loop_trains_past_target(lm_data):
     """With target_stop off a trial that meets the target at its first
     evaluation trains to its budget, ends as reached and keeps the first
     evaluation's target metrics, also after a resume from a later checkpoint."""
