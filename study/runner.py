@@ -97,6 +97,27 @@ def trial_resources(param_space: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([bundle])
 
 
+class _TuneHintFilter(logging.Filter):
+    """Drops two Ray Tune warnings that mislead after an interrupted run.
+
+    Tune suggests `Tuner.restore(...)`, where `study resume` prints its own
+    command, and reports that trials which had not started yet have no
+    result files.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Experiment has been interrupted"):
+            return False
+        return not (
+            message.startswith("Failed to fetch metrics for")
+            and "FileNotFoundError" in message
+        )
+
+
+_TUNE_HINT_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
 class TargetStopper(tune.Stopper):
     """Stops a trial once its result carries an end state or meets a target
     that ends trials (`target.stop`)."""
@@ -803,7 +824,14 @@ def run_study(
                 max_concurrent,
                 callback,
             )
-        tuner.fit()
+        hint_filter = _TuneHintFilter()
+        for name in _TUNE_HINT_LOGGERS:
+            logging.getLogger(name).addFilter(hint_filter)
+        try:
+            tuner.fit()
+        finally:
+            for name in _TUNE_HINT_LOGGERS:
+                logging.getLogger(name).removeFilter(hint_filter)
         status = RunStatus.FINISHED
     except KeyboardInterrupt:
         status = RunStatus.KILLED

@@ -260,3 +260,26 @@ def test_stopped_child_runs_killed_until_resumed(tmp_path):
     client = MlflowClient(tracking_uri=recorded.workspace.tracking_uri)
     steps = [m.step for m in client.get_metric_history(stopped_run_id, "train/loss")]
     assert steps == [3, 9]
+
+
+def test_tune_restore_hint_is_dropped():
+    from study.runner import _TuneHintFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "ray.tune.tune", logging.WARNING, "", 0, message, (), None
+        )
+
+    hint_filter = _TuneHintFilter()
+    interrupted = (
+        "Experiment has been interrupted, but the most recent state was saved.\n"
+        'Resume experiment with: Tuner.restore(path="/x", trainable=...)'
+    )
+    assert not hint_filter.filter(record(interrupted))
+    missing = (
+        "Failed to fetch metrics for 1 trial(s):\n- t: FileNotFoundError('Could "
+        "not fetch metrics for t')"
+    )
+    assert not hint_filter.filter(record(missing))
+    assert hint_filter.filter(record("Failed to fetch metrics for 1 trial(s): OSError"))
+    assert hint_filter.filter(record("Stop signal received (e.g. via SIGINT/Ctrl+C)"))
