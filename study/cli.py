@@ -513,14 +513,14 @@ def _run_or_resume(
         _require_recorded_run(args, workspace, spec.name, args.name)
         workspace.require_recorded()
         workspace.require_writable(f"{command_name()} resume")
-    try:
-        with workspace.run_lock(spec.name, args.scale):
+    with workspace.run_lock(spec.name, args.scale):
+        try:
             return _run_or_resume_locked(args, resume, sigterm, spec, workspace)
-    finally:
-        if created:
-            # Data that cannot be read stops `run` before anything is recorded;
-            # a workspace folder that this command made then goes again.
-            workspace.remove_if_unused()
+        finally:
+            if created:
+                # Data that cannot be read stops `run` before anything is
+                # recorded, and the folder that this command made goes again.
+                workspace.remove_if_unused(spec.name, args.scale)
 
 
 def _run_or_resume_locked(

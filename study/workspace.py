@@ -94,19 +94,15 @@ class Workspace:
         _check_sqlite_file(workspace.optuna_storage, "Optuna storage", optuna_storage)
         return workspace
 
-    def remove_if_unused(self) -> None:
-        """Remove the workspace folder when it holds nothing but lock files,
-        as after a command that created it and then stopped before recording
-        anything."""
+    def remove_if_unused(self, study: str, scale: str) -> None:
+        """Remove the workspace folder when it contains only this run's lock
+        file, as after a command that created it and then stopped before
+        recording anything. Call it while holding that lock."""
+        lock = self._run_lock_path(study, scale)
         try:
-            entries = list(self.root.iterdir())
-        except OSError:
-            return
-        if any(not re.fullmatch(r"\.(run-.*|stores)\.lock", e.name) for e in entries):
-            return
-        try:
-            for entry in entries:
-                entry.unlink()
+            if [entry.name for entry in self.root.iterdir()] != [lock.name]:
+                return
+            lock.unlink()
             self.root.rmdir()
         except OSError as error:
             logger.debug("workspace %s not removed: %s", self.root, error)
@@ -126,6 +122,10 @@ class Workspace:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _run_lock_path(self, study: str, scale: str) -> Path:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{study}-{scale}")
+        return self.root / f".run-{name}.lock"
+
     @contextlib.contextmanager
     def run_lock(self, study: str, scale: str) -> Iterator[None]:
         """Hold this workspace's lock on one study and scale while it runs.
@@ -135,8 +135,7 @@ class Workspace:
         twice. The lock goes when the process ends, also by SIGKILL, so a
         killed run leaves nothing to clean up.
         """
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{study}-{scale}")
-        path = self.root / f".run-{name}.lock"
+        path = self._run_lock_path(study, scale)
         with path.open("a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
