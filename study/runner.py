@@ -480,6 +480,11 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
     # SIGTERM handler.
     set_sigterm_handler = ray._private.utils.set_sigterm_handler
     ray._private.utils.set_sigterm_handler = lambda handler: None
+    # The processes that ray.init starts inherit this mask, as Ray's own
+    # processes inherit a blocked SIGINT. A SIGTERM sent to the whole process
+    # group (`timeout`, systemd) then reaches the driver but not the GCS and
+    # raylet, which the driver still needs to stop its trials and save them.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         yield
     finally:
@@ -488,6 +493,8 @@ def _sigterm_kept_during_ray_init() -> Iterator[None]:
             signal.SIGTERM,
             signal.SIG_DFL if caller_handler is None else caller_handler,
         )
+        # A SIGTERM held by the mask reaches the caller's handler here.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if pending_signals:
             signal.raise_signal(signal.SIGTERM)
 

@@ -62,8 +62,11 @@ def study_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "study.cli", *args]
 
 
-def start_study(path: Path, workspace: Path, log: Path) -> subprocess.Popen:
-    """Start `study run` on the smoke scale in the background, output to `log`."""
+def start_study(
+    path: Path, workspace: Path, log: Path, new_session: bool = False
+) -> subprocess.Popen:
+    """Start `study run` on the smoke scale in the background, output to `log`;
+    with `new_session`, as the leader of its own process group."""
     with log.open("w") as output:
         return subprocess.Popen(
             study_command(
@@ -71,6 +74,7 @@ def start_study(path: Path, workspace: Path, log: Path) -> subprocess.Popen:
             ),
             stdout=output,
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
 
 

@@ -47,22 +47,30 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _signal_driver(
-    tmp_path: Path, name: str, after_line: str, signal_number: int
+    tmp_path: Path,
+    name: str,
+    after_line: str,
+    signal_number: int,
+    whole_group: bool = False,
 ) -> tuple[Path, Path, Path, int]:
     """Run a four-trial study, one trial at a time, and send its driver
-    `signal_number` once the log shows `after_line`. Return the study file, the
-    workspace, the log and the driver's exit status."""
+    `signal_number` once the log shows `after_line`; with `whole_group`, to
+    every process of the driver's process group, as `timeout` and systemd do.
+    Return the study file, the workspace, the log and the driver's exit status."""
     path = write_study(
         tmp_path, name, FOUR_POWERS, steps=60, scale={"max_concurrent_trials": 1}
     )
     workspace = tmp_path / "ws"
     log = tmp_path / "run.log"
-    driver = start_study(path, workspace, log)
+    driver = start_study(path, workspace, log, new_session=whole_group)
     below: list[int] = []
     try:
         wait_for_line(driver, log, after_line, timeout=300)
         below = descendants(driver.pid)
-        driver.send_signal(signal_number)
+        if whole_group:
+            os.killpg(driver.pid, signal_number)
+        else:
+            driver.send_signal(signal_number)
         code = driver.wait(timeout=120)
     finally:
         # Ray processes that outlive a killed driver would hold the cores.
@@ -217,6 +225,21 @@ def test_terminated_driver_leaves_trials_for_resume(terminated_run):
     assert set(terminated_run.steps_recorded) == {60}
     assert len(terminated_run.steps_recorded) < 4
     assert terminated_run.parent_status == "KILLED"
+
+
+def test_group_sigterm_stops_like_driver_sigterm(tmp_path):
+    """SIGTERM to the driver's whole process group leaves Ray's GCS and raylet
+    running until the driver has stopped and saved its trials."""
+    _, workspace, log, code = _signal_driver(
+        tmp_path, "group_term", "[1 done", signal.SIGTERM, whole_group=True
+    )
+    text = log.read_text()
+    assert code == EXIT_TERMINATED, text[-3000:]
+    stopped = [line for line in text.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1, text[-3000:]
+    assert "Failed to connect to GCS" not in text
+    (parent,) = _parent_runs(workspace, "group_term")
+    assert parent.info.status == "KILLED"
 
 
 def _file_states(root: Path) -> dict[str, tuple[int, int]]:
