@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -533,7 +534,10 @@ def _check_tracking_uri(uri: str) -> None:
             "server (http://host:port) or a database URI such as sqlite:///path.db"
         )
     _check_sqlite_file(uri, "MLflow tracking store", uri)
+    if uri.startswith("sqlite"):
+        return
     if not uri.startswith(("http://", "https://")):
+        _check_database(uri, "MLflow tracking store", "--tracking-uri")
         return
     parts = urllib.parse.urlsplit(uri)
     request = urllib.request.Request(
@@ -571,38 +575,67 @@ def _check_tracking_uri(uri: str) -> None:
         ) from None
 
 
+# Seconds that a database server gets to accept a connection.
+DATABASE_PROBE_TIMEOUT_SEC = 10
+
+
 def _check_optuna_storage(url: str) -> None:
     if url.startswith("sqlite"):
         _check_sqlite_file(url, "Optuna storage", url)
         return
+    _check_database(url, "Optuna storage", "--optuna-storage")
+
+
+def _check_database(url: str, store: str, option: str) -> None:
+    """Connect to the database at `url` once, giving up after
+    DATABASE_PROBE_TIMEOUT_SEC, and raise StudyFileError naming `store` and
+    `option` when that fails."""
     try:
         shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:
-        shown = "<unparsable URL>"
+        shown = url
     try:
         engine = sqlalchemy.create_engine(url)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError):
         raise StudyFileError(
-            f"Optuna storage URL {shown!r} is invalid; pass a URL such as "
-            "postgresql+psycopg2://user@host:5432/db with --optuna-storage"
+            f"{store} URL {shown!r} is invalid; pass a URL such as "
+            f"postgresql+psycopg2://user@host:5432/db with {option}"
         ) from None
     except ModuleNotFoundError as error:
         raise StudyFileError(
-            f"Optuna storage {shown!r} needs the database driver module "
+            f"{store} {shown!r} needs the database driver module "
             f"{error.name!r}; install it (`pip install 'gradpower-study[postgres]'` "
             "provides psycopg2 for postgresql+psycopg2:// URLs)"
         ) from None
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as error:
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            with engine.connect():
+                pass
+        except Exception as error:  # noqa: BLE001 - reported by the caller
+            errors.append(error)
+
+    # A server that accepts the TCP connection and never answers would block
+    # the driver without a timeout, also against Ctrl-C and SIGTERM, so the
+    # connection is made in a thread that the driver stops waiting for.
+    probe = threading.Thread(target=connect, name="database-probe", daemon=True)
+    probe.start()
+    probe.join(DATABASE_PROBE_TIMEOUT_SEC)
+    if probe.is_alive():
+        raise StudyFileError(
+            f"{store} {shown} accepted no database connection within "
+            f"{DATABASE_PROBE_TIMEOUT_SEC} s; check that a database server listens "
+            f"there, or pass another {option}"
+        )
+    engine.dispose()
+    if errors:
+        error = errors[0]
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
         raise StudyFileError(
-            f"Optuna storage {shown} cannot be reached ({reason}); start the "
-            "database or pass another --optuna-storage"
-        ) from None
-    finally:
-        engine.dispose()
+            f"{store} {shown} cannot be reached ({reason}); start the "
+            f"database or pass another {option}"
+        )
 
 
 RAY_ADDRESS_FORMS = (

@@ -513,6 +513,32 @@ def test_tracking_server_not_mlflow(tmp_path, capsys):
     assert not workspace.exists()
 
 
+@pytest.mark.parametrize("option", ["--optuna-storage", "--tracking-uri"])
+def test_silent_database_server_times_out(tmp_path, monkeypatch, option, capsys):
+    # A listener that accepts connections and never sends a byte.
+    listener = socket.create_server((LOOPBACK, 0))
+    port = listener.getsockname()[1]
+    monkeypatch.setattr("study.workspace.DATABASE_PROBE_TIMEOUT_SEC", 1)
+    url = f"postgresql+psycopg2://user@{LOOPBACK}:{port}/db"
+    workspace = tmp_path / "ws"
+    try:
+        code = main(_run_args(workspace, option, url, study=TOY_STUDY))
+    finally:
+        listener.close()
+    assert code == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"{url} accepted no database connection within 1 s" in error
+    assert f"or pass another {option}" in error
+    assert not workspace.exists()
+
+
+def test_unparsable_storage_url_is_named(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    code = main(_run_args(workspace, "--optuna-storage", "notaurl", study=TOY_STUDY))
+    assert code == EXIT_BAD_INPUT
+    assert "Optuna storage URL 'notaurl' is invalid" in capsys.readouterr().err
+
+
 def _read_only_command(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
     """Run `study` with `folder` bind-mounted read-only in a private mount
     namespace, so the mount is gone when the command ends."""
