@@ -1367,6 +1367,8 @@ def command_ui(args: argparse.Namespace) -> int:
     workspace = Workspace.open(args.workspace, args.tracking_uri, create=False)
     check_port_free(args.host, args.port)
     if _recorded_tracking_uri(workspace) is not None:
+        # The MLflow server and the artifact relocation write to the stores.
+        workspace.require_writable(f"{command_name()} ui")
         workspace.relocate_artifacts()
     try:
         return serve_ui(workspace, args.host, args.port)

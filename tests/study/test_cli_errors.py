@@ -593,6 +593,19 @@ def test_read_only_workspace(partial_run, tmp_path, command, options):
     assert after == before
 
 
+def test_read_only_workspace_ui(partial_run, tmp_path):
+    workspace = tmp_path / "ws"
+    shutil.copytree(partial_run, workspace)
+    with socket.create_server((LOOPBACK, 0)) as probe:
+        port = probe.getsockname()[1]
+    argv = ["ui", "--workspace", str(workspace), "--port", str(port)]
+    completed = _read_only_command(workspace, argv)
+    assert completed.returncode == EXIT_BAD_INPUT, completed.stderr
+    assert completed.stderr.startswith(f"error: Workspace {workspace} is not writable")
+    assert "ui` writes to it" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 # 5. Hints name the command as it was run.
 
 
