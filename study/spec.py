@@ -87,6 +87,7 @@ def vision_presets() -> list[str]:
 
 def _check_unique(name: str, values: list[Any]) -> None:
     seen = set()
+    keys: dict[str, Any] = {}
     for value in values:
         if value in seen:
             raise ValueError(
@@ -94,6 +95,15 @@ def _check_unique(name: str, values: list[Any]) -> None:
                 "because Ray would train the same trials twice"
             )
         seen.add(value)
+        # Trial keys show numbers to 6 significant digits (study.grid.trial_key).
+        key = f"{value:g}" if isinstance(value, float) else str(value)
+        if key in keys:
+            raise ValueError(
+                f"{name} {values} lists {keys[key]!r} and {value!r}, which trial "
+                f"keys both show as {key}, so one would be taken for the other; "
+                "make them differ within 6 significant digits or remove one"
+            )
+        keys[key] = value
 
 
 def _check_seeds(seeds: list[int]) -> list[int]:

@@ -46,6 +46,8 @@ def test_bundled_studies_validate():
     [
         ({"grid.power": [1.0, -0.5]}, "power -0.5 is invalid"),
         ({"grid.power": [1.0, 0.0]}, "power 0.0 is invalid"),
+        ({"grid.power": [1.0, 1.2, 1.2000001]}, "both show as 1.2"),
+        ({"grid.lr_max": [0.001, 0.0010000001]}, "both show as 0.001"),
         ({"grid.power": [0.8, 1.2]}, "add 1.0"),
         ({"grid.batch_size": [0, 8]}, "batch_size 0 is invalid"),
         ({"grid.lr_max": [-1.0]}, "lr_max -1.0 is invalid"),
