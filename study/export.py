@@ -173,8 +173,8 @@ def _title(analysis: PowerAnalysis, metric: str) -> str:
         description = f"{unit} to {target}"
     elif metric == "at_best_step":
         description = (
-            f"{run.target_metric} at the step where the best power of each batch "
-            f"size reaches {target}"
+            f"{run.target_metric} at the median step at which the seeds of each "
+            f"batch size's best power reached {target}"
         )
     else:
         name = "val/loss" if metric == "final_loss" else "val/accuracy"
@@ -247,9 +247,11 @@ def build_table(
         for row in view[view.best].itertuples():
             best[int(row.batch_size)] = float(row.power)
         footnotes.append(
-            "Cells are each power's last evaluation at or before the step where the "
-            "row's best power reaches the target (median over seeds). Bold: the best "
-            "value of the row."
+            "The step of a row is the median over the seeds of its best power of "
+            "their steps to the target. Cells are the median over seeds of each "
+            "power's last evaluation at or before that step, so with several seeds "
+            "the best power's own cell can miss the target. Bold: the best value of "
+            "the row."
         )
     else:
         cells = _final_value_cells(analysis, metric, spread)
@@ -545,6 +547,7 @@ def summary_text(analysis: PowerAnalysis) -> str:
     if analysis.at_best_step is not None and not analysis.at_best_step.empty:
         table = build_table(analysis, "at_best_step")
         parts += [table.title.split(": ", 1)[1] + ":", to_markdown(table)]
+        parts += table.footnotes
     parts += trend_lines(analysis)
     parts += [f"note: {note}" for note in analysis.notes]
     return "\n".join(parts) + "\n"

@@ -258,7 +258,8 @@ def test_analyze_reports_counts_and_view(workspace, optuna_trials, capsys):
     assert "vision (vision): examples to val/loss <= " in output
     recorded = re.findall(r"trials: (\d+) recorded", output)
     assert sum(map(int, recorded)) == len(optuna_trials)
-    assert "at the step where the best power of each batch size reaches" in output
+    assert "at the median step at which the seeds of each batch size's best" in output
+    assert "the best power's own cell can miss the target" in output
 
 
 def test_analyze_missing_run_is_bad_input(workspace, capsys):
