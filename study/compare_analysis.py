@@ -70,6 +70,7 @@ TRIAL_COLUMNS = [
     "model_params",
     "steps_done",
     "time_train_sec",
+    "planned_powers",
 ]
 
 
@@ -296,9 +297,18 @@ def _trial_rows(attrs: dict, optuna_study: optuna.Study) -> list[dict]:
                 "model_params": _float_or_nan(trial_attrs.get("model_params")),
                 "steps_done": trial_attrs.get("steps_done"),
                 "time_train_sec": _float_or_nan(trial_attrs.get("time_train_sec")),
+                # The entry's whole power grid, finished or not.
+                "planned_powers": _planned(trial, "power"),
             }
         )
     return rows
+
+
+def _planned(trial: optuna.trial.FrozenTrial, axis: str) -> tuple | None:
+    distribution = trial.distributions.get(axis)
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return tuple(sorted(float(choice) for choice in distribution.choices))
+    return None
 
 
 def _read_trials(
@@ -554,7 +564,9 @@ def _parabola_vertex(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(x1 - 0.5 * numerator / denominator)
 
 
-def _best_power_row(keys: tuple, group: pd.DataFrame) -> dict:
+def _best_power_row(keys: tuple, group: pd.DataFrame, planned: set[float]) -> dict:
+    """Return the best power of one sweep; `planned` holds every power of its
+    grid, also those not recorded yet."""
     setting, batch_size, base, blockwise = keys
     powers = np.array(sorted(group.power.unique()), dtype=float)
     losses = group.groupby("power").loss.min().reindex(powers).to_numpy(dtype=float)
@@ -587,6 +599,16 @@ def _best_power_row(keys: tuple, group: pd.DataFrame) -> dict:
 
     if index == 0 or index == len(powers) - 1:
         side = "lower" if index == 0 else "upper"
+        beyond = sorted(
+            p for p in planned if (p < powers[0] if index == 0 else p > powers[-1])
+        )
+        if beyond:
+            listed = ", ".join(f"p={p:g}" for p in beyond)
+            row["method"] = (
+                f"grid, at the {side} edge of the recorded powers; {listed} not "
+                "recorded yet"
+            )
+            return row
         row["method"] = f"grid, at the {side} edge of the grid"
         row["at_edge"] = True
         return row
@@ -608,10 +630,15 @@ def _best_power_row(keys: tuple, group: pd.DataFrame) -> dict:
     return row
 
 
-def _build_best_powers(cells: pd.DataFrame) -> pd.DataFrame:
+def _build_best_powers(cells: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     keys = ["setting", "batch_size", "base", "blockwise_lr"]
+    planned: dict[tuple, set[float]] = {}
+    for key, group in trials.groupby(keys):
+        planned[key] = {
+            float(power) for powers in group.planned_powers.dropna() for power in powers
+        }
     rows = [
-        _best_power_row(key, group)
+        _best_power_row(key, group, planned.get(key, set()))
         for key, group in cells.groupby(keys)
         if group.power.nunique() >= MIN_SWEEP_POWERS
     ]
@@ -817,7 +844,7 @@ def analyze_compare(
     trials = _name_variants(_read_trials(loaded, notes))
     cells = _build_cells(trials)
     gaps = _build_gaps(cells, trials)
-    best = _build_best_powers(cells)
+    best = _build_best_powers(cells, trials)
     fits = _build_fits(cells, notes)
     fit_gaps = _build_fit_gaps(fits, cells)
     _compare_notes(trials, gaps, best, notes)

@@ -66,8 +66,10 @@ def record_entry(
     model: dict | None = None,
     data: dict | None = None,
     budget_steps: int = 200,
+    power_grid: list[float] | None = None,
 ) -> None:
-    """Record one workload entry as the runner does: one Optuna study, its trials."""
+    """Record one workload entry as the runner does: one Optuna study, its trials.
+    `power_grid` is the entry's whole grid of powers when some are unrecorded."""
     optuna_study = optuna.create_study(
         study_name=f"{study}/{scale}/{label}/{run_id}", storage=storage
     )
@@ -100,6 +102,10 @@ def record_entry(
         for name in ("batch_size", "power", "lr_max", "seed")
         if trials
     }
+    if power_grid is not None:
+        distributions["power"] = optuna.distributions.CategoricalDistribution(
+            power_grid
+        )
     for index, row in enumerate(trials):
         params = {name: row[name] for name in distributions}
         state = row["end_state"]
@@ -435,6 +441,25 @@ def test_best_power_at_edge(storage):
     assert any(
         "best power 1.2 is at the edge of the grid" in note for note in analysis.notes
     )
+
+
+def test_best_power_edge_of_unfinished_grid(storage):
+    record_entry(
+        storage,
+        "sweep",
+        [trial(p, 4.0 - p) for p in [0.8, 1.0, 1.2]],
+        study="power_sweep",
+        power_grid=[0.8, 1.0, 1.2, 1.4, 1.6],
+    )
+    analysis = analyze_compare(storage, "power_sweep", "cpu")
+    (row,) = analysis.best_powers.itertuples()
+    assert row.best_power == 1.2
+    assert not row.at_edge
+    assert row.method == (
+        "grid, at the upper edge of the recorded powers; p=1.4, p=1.6 not "
+        "recorded yet"
+    )
+    assert not any("widen the power grid" in note for note in analysis.notes)
 
 
 def test_best_power_neighbour_diverged(storage):
