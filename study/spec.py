@@ -831,9 +831,10 @@ class Scale(Strict):
             if entry.target is None:
                 continue
             if entry.target.metric not in TARGET_METRICS[kind]:
-                raise ValueError(
+                raise SettingError(
                     f"target metric {entry.target.metric!r} of workload {label!r} is "
-                    f"unknown; the {kind} workload reports {list(TARGET_METRICS[kind])}"
+                    f"unknown; the {kind} workload reports {list(TARGET_METRICS[kind])}",
+                    ("workloads", label, "target", "metric"),
                 )
         return self
 
@@ -855,23 +856,26 @@ class StudySpec(Strict):
             for label, entry in scale.workloads.items():
                 if isinstance(entry, ToyNoiseStudy):
                     continue
-                where = f"scales.{scale_name}.workloads.{label}"
+                where = ("scales", scale_name, "workloads", label)
                 if self.analysis == "power_trend" and entry.target is None:
-                    raise ValueError(
-                        f"{where} has no target; the power_trend analysis measures "
+                    raise SettingError(
+                        "no target is set; the power_trend analysis measures "
                         "steps to a target, so add `target: {metric: val/loss, "
-                        "value: ...}` or set `analysis: compare` for final losses"
+                        "value: ...}` or set `analysis: compare` for final losses",
+                        where,
                     )
                 if self.analysis != "power_trend" and entry.target is not None:
-                    raise ValueError(
-                        f"{where} sets a target, but the {self.analysis} analysis "
+                    raise SettingError(
+                        f"a target is set, but the {self.analysis} analysis "
                         "compares final losses after the whole budget, and a "
-                        "target would stop trials early; remove the target"
+                        "target would stop trials early; remove the target",
+                        (*where, "target"),
                     )
                 if self.analysis == "lr_tune" and entry.grid.power != [1.0]:
-                    raise ValueError(
-                        f"{where}.grid.power is {entry.grid.power}; lr_tune tunes "
-                        "the Adam baseline, so set `power: [1.0]`"
+                    raise SettingError(
+                        f"power is {entry.grid.power}; lr_tune tunes the Adam "
+                        "baseline, so set `power: [1.0]`",
+                        (*where, "grid", "power"),
                     )
             if self.analysis == "compare":
                 _check_settings(scale_name, scale)

@@ -296,17 +296,17 @@ def _bundled(name: str) -> dict:
         (
             "power_sweep",
             lambda lm: lm.update(target={"metric": "val/loss", "value": 4.0}),
-            "sets a target, but the compare analysis",
+            r"workloads\.lm\.target \(line \d+\): a target is set, but the compare",
         ),
         (
             "lr_tune",
             lambda lm: lm["grid"].update(power=[1.0, 1.2]),
-            "lr_tune tunes the Adam baseline",
+            r"llama_tiny\.grid\.power \(line \d+\): power is .* lr_tune tunes",
         ),
         (
             "batch_power_grid",
             lambda lm: lm.pop("target"),
-            "has no target; the power_trend analysis",
+            r"workloads\.lm \(line \d+\): no target is set; the power_trend",
         ),
     ],
 )
