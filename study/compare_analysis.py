@@ -565,7 +565,7 @@ def _parabola_vertex(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def _best_power_row(keys: tuple, group: pd.DataFrame, planned: set[float]) -> dict:
-    """Return the best power of one sweep; `planned` holds every power of its
+    """Return the best power of one sweep; `planned` contains every power of its
     grid, also those not recorded yet."""
     setting, batch_size, base, blockwise = keys
     powers = np.array(sorted(group.power.unique()), dtype=float)

@@ -292,9 +292,9 @@ class Target(Strict):
     mode: Literal["min", "max"] = "min"
     stop: bool = True
     """End a trial when it meets the target. With false it trains to the end
-    of its budget and still records the step that met the target, so that
-    both the time to target and the value after the whole schedule (such as
-    the paper's Table 2 accuracies) are known."""
+    of its budget and still records the step that met the target. Both the
+    time to target and the value after the whole schedule (such as the
+    paper's Table 2 accuracies) are then known."""
 
 
 class Budget(Strict):
@@ -1008,6 +1008,7 @@ def _type_error_fix(kind: str, value: Any, limits: dict[str, Any]) -> str | None
         return "write a whole number, such as 4"
     if kind in _NUMBER_TYPES:
         return "write a number, such as 0.001 or 1e-3"
+
     if kind in {"bool_type", "bool_parsing"}:
         return "write true or false"
     if kind == "list_type":
@@ -1018,6 +1019,7 @@ def _type_error_fix(kind: str, value: Any, limits: dict[str, Any]) -> str | None
         return "write a mapping of keys to values, such as {key: value}"
     if kind == "string_type":
         return "write text"
+
     if kind == "greater_than_equal":
         return f"use {limits['ge']} or more"
     if kind == "greater_than":

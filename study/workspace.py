@@ -616,7 +616,7 @@ def _check_database(url: str, store: str, option: str) -> None:
         except Exception as error:  # noqa: BLE001 - reported by the caller
             errors.append(error)
 
-    # A server that accepts the TCP connection and never answers would block
+    # A server that accepts the TCP connection and never responds would block
     # the driver without a timeout, also against Ctrl-C and SIGTERM, so the
     # connection is made in a thread that the driver stops waiting for.
     probe = threading.Thread(target=connect, name="database-probe", daemon=True)

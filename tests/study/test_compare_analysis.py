@@ -456,8 +456,7 @@ def test_best_power_edge_of_unfinished_grid(storage):
     assert row.best_power == 1.2
     assert not row.at_edge
     assert row.method == (
-        "grid, at the upper edge of the recorded powers; p=1.4, p=1.6 not "
-        "recorded yet"
+        "grid, at the upper edge of the recorded powers; p=1.4, p=1.6 not recorded yet"
     )
     assert not any("widen the power grid" in note for note in analysis.notes)
 

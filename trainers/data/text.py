@@ -953,9 +953,9 @@ def keyed_permutation(
     """Map `indices` in [0, size) through a pseudo-random bijection of [0, size)
     chosen by `key`.
 
-    A random permutation of an epoch of C4 windows would hold hundreds of
-    millions of entries; this computes any slice of one from the key alone. It
-    is a balanced Feistel network on the smallest even number of bits that
+    A stored permutation of an epoch of C4 windows would have hundreds of
+    millions of entries, so this computes any slice of one from the key alone.
+    It is a balanced Feistel network on the smallest even number of bits that
     covers `size`, with cycle walking: an output of `size` or more is passed
     through the network again until it falls inside [0, size). The network
     domain is less than 4 x size, so few elements need more than one pass.
@@ -1018,8 +1018,8 @@ class TokenBatches:
         epoch 0, drawn from (seed, e) later) and visits them in a keyed
         pseudo-random order (`keyed_permutation`). Step s takes positions
         s * batch_size up to (s + 1) * batch_size of the concatenated epochs,
-        so a trial whose token budget equals the split sees every training
-        token once, and a batch that crosses an epoch end continues with the
+        so a trial whose token budget equals the split trains on every
+        training token once, and a batch that crosses an epoch end continues with the
         next epoch. The batch is a pure function of (seed, step, batch_size),
         so a resumed run gets the same batches as an uninterrupted one.
         """
