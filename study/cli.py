@@ -30,6 +30,7 @@ from study.workspace import (
     Workspace,
     check_data_cache_writable,
     check_stores,
+    open_tracking_client,
 )
 from trainers.data.errors import DataUnavailableError
 
@@ -1213,13 +1214,11 @@ def _mlflow_client(workspace: Workspace):
     Artifacts logged through it land in this folder's mlartifacts/, also
     after the workspace was moved or copied.
     """
-    from mlflow.tracking import MlflowClient
-
     uri = _recorded_tracking_uri(workspace)
     if uri is None:
         return None
     workspace.relocate_artifacts()
-    return MlflowClient(tracking_uri=uri)
+    return open_tracking_client(uri)
 
 
 def command_export(args: argparse.Namespace) -> int:

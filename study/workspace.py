@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import tempfile
 import threading
@@ -33,6 +34,53 @@ DEFAULT_DATA_CACHE = Path("~/.cache/gradpower-study")
 # `workspace_id` tag, and the folder the workspace was last opened at.
 IDENTITY_FILE = "workspace.json"
 ARTIFACT_FOLDER = "mlartifacts"
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then raise them again.
+
+    MLflow creates a new tracking store's tables in several migrations, and
+    an interrupt between two of them left a database that no later command
+    could open.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    pending: list[int] = []
+    for number in numbers:
+        signal.signal(number, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(pending):
+            signal.raise_signal(number)
+
+
+def open_tracking_client(uri: str):
+    """Return an MLflow client of the tracking store at `uri` after one query,
+    which creates a new store's tables; raise StudyFileError with the fix when
+    the store's schema cannot be read or created."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise several types
+        reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        # MLflow's own advice follows its first sentence; the fix below has it.
+        reason = reason.split(". ")[0].rstrip(".")
+        raise StudyFileError(
+            f"MLflow tracking store {uri} cannot be opened ({reason}). If a "
+            "command was stopped while it created the store and no run is "
+            "recorded yet, delete the file and run again. If it contains runs "
+            f"of an older MLflow, upgrade it with `mlflow db upgrade {uri}`"
+        ) from None
+    return client
 
 
 @dataclass(frozen=True)
@@ -164,14 +212,11 @@ class Workspace:
         moved or copied since it recorded its runs, points the artifact
         locations of its own tracking store at this folder.
         """
-        from mlflow.tracking import MlflowClient
-
         from study.recording import open_optuna_storage
 
-        with self.store_setup_lock():
+        with self.store_setup_lock(), _signals_deferred():
             self._update_identity()
-            client = MlflowClient(tracking_uri=self.tracking_uri)
-            client.search_experiments(max_results=1)
+            client = open_tracking_client(self.tracking_uri)
             open_optuna_storage(self.optuna_storage)
             self._relocate_artifacts()
         return client

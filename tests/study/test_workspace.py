@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from study.cli import EXIT_BAD_INPUT, main
 from study.recording import ensure_experiment
 from study.runner import unfinished_runs
 from study.spec import StudyFileError
-from study.workspace import IDENTITY_FILE, Workspace, _is_copy_of
+from study.workspace import IDENTITY_FILE, Workspace, _is_copy_of, _signals_deferred
 
 STUDY = "relocation"
 SCALE = "smoke"
@@ -271,3 +273,40 @@ def test_run_lock_released_when_holder_is_killed(tmp_path):
         holder.wait()
     with workspace.run_lock("s", "smoke"):
         pass
+
+
+def test_half_migrated_tracking_store_is_one_error(tmp_path):
+    workspace = tmp_path / "ws"
+    Workspace.open(workspace).open_stores()
+    with sqlite3.connect(workspace / "mlflow.db") as connection:
+        # An older schema revision, as an interrupted migration leaves.
+        connection.execute("UPDATE alembic_version SET version_num = '75868b020152'")
+    # A new process, because MLflow checks a store's schema once per process.
+    completed = subprocess.run(
+        [sys.executable, "-m", "study.cli", "run", "toy_noise_regimes"]
+        + ["--scale", "smoke", "--workspace", str(workspace)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == EXIT_BAD_INPUT, completed.stderr[-2000:]
+    (error,) = [
+        line for line in completed.stderr.splitlines() if line.startswith("error:")
+    ]
+    assert error.startswith(f"error: MLflow tracking store sqlite:///{workspace}")
+    assert "Detected out-of-date database schema" in error
+    assert "delete the file and run again" in error
+    assert "Traceback" not in completed.stderr
+
+
+def test_signals_wait_for_store_creation():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(1))
+    try:
+        with _signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            assert received == []
+        assert received == [1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
