@@ -637,11 +637,12 @@ def _check_database(url: str, store: str, option: str) -> None:
     `option` when that fails."""
     try:
         shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        # A port that is not a number raises ValueError.
         shown = url
     try:
         engine = sqlalchemy.create_engine(url)
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError):
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError):
         raise StudyFileError(
             f"{store} URL {shown!r} is invalid; pass a URL such as "
             f"postgresql+psycopg2://user@host:5432/db with {option}"

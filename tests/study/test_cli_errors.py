@@ -532,11 +532,16 @@ def test_silent_database_server_times_out(tmp_path, monkeypatch, option, capsys)
     assert not workspace.exists()
 
 
-def test_unparsable_storage_url_is_named(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "url",
+    ["notaurl", "postgresql+psycopg2://u@127.0.0.1:abc/db", "postgresql://u@h:/db"],
+)
+def test_unparsable_storage_url_is_named(tmp_path, capsys, url):
     workspace = tmp_path / "ws"
-    code = main(_run_args(workspace, "--optuna-storage", "notaurl", study=TOY_STUDY))
+    code = main(_run_args(workspace, "--optuna-storage", url, study=TOY_STUDY))
     assert code == EXIT_BAD_INPUT
-    assert "Optuna storage URL 'notaurl' is invalid" in capsys.readouterr().err
+    assert f"Optuna storage URL {url!r} is invalid" in capsys.readouterr().err
+    assert not workspace.exists()
 
 
 def _read_only_command(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
