@@ -1235,8 +1235,16 @@ def command_export(args: argparse.Namespace) -> int:
     client = _mlflow_client(workspace)
     for analysis in analyses:
         metric = _table_metric(args, analysis)
+        if metric == "final_accuracy" and analysis.trials.val_accuracy.isna().all():
+            print(
+                f"note: workload {analysis.run.label} records no val/accuracy, so "
+                "it has no final_accuracy table"
+            )
+            continue
         table = build_table(analysis, metric, args.spread)
         print(f"\n{table.title}\n{to_markdown(table)}", end="")
+        for footnote in table.footnotes:
+            print(footnote)
         paths = export_tables(
             analysis,
             workspace.exports,

@@ -571,9 +571,12 @@ def export_tables(
     stem = run.stem if metric == "steps" else f"{run.stem}-{metric}"
     if spread:
         stem += "-spread"
-    footer = "\n" + "\n".join(trend_lines(analysis)) + "\n"
-    footer += "".join(f"\n{note}\n" for note in table.footnotes)
-    footer += "".join(f"\nNote: {note}\n" for note in analysis.notes)
+    footer = "".join(f"\n{note}\n" for note in table.footnotes)
+    if metric in TIME_TABLE_METRICS:
+        # The trend fits and the notes describe the best powers by time to
+        # the target, which only these tables show.
+        footer = "\n" + "\n".join(trend_lines(analysis)) + "\n" + footer
+        footer += "".join(f"\nNote: {note}\n" for note in analysis.notes)
     paths = {}
     for name in formats:
         path = directory / f"{stem}{FORMATS[name]}"

@@ -269,3 +269,15 @@ def test_analyze_missing_run_is_bad_input(workspace, capsys):
     )
     assert code == 2
     assert "is not recorded" in capsys.readouterr().err
+
+
+def test_final_accuracy_skips_lm_workload(workspace, capsys):
+    code = main(
+        ["export-table", "batch_power_grid", "--scale", "smoke"]
+        + ["--workspace", str(workspace), "--metric", "final_accuracy"]
+    )
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "note: workload lm records no val/accuracy" in output
+    assert "vision: last recorded val/accuracy" in output
+    assert "Cells are the median over seeds of the last recorded value" in output

@@ -305,3 +305,14 @@ def test_progress_table_rejects_other_unit(unit, other):
     analysis = _progress_analysis(unit)
     with pytest.raises(ValueError, match=f"counts its progress in {unit}"):
         build_table(analysis, other)
+
+
+def test_value_table_leaves_out_steps_notes(analysis, tmp_path):
+    steps = export_tables(analysis, tmp_path / "steps", formats=("md",))["md"]
+    final = export_tables(analysis, tmp_path / "final", ("md",), "final_loss")["md"]
+    steps_text, final_text = steps.read_text(), final.read_text()
+    assert "linear trend: p* =" in steps_text
+    assert "Note: " in steps_text
+    assert "linear trend: p* =" not in final_text
+    assert "Note: " not in final_text
+    assert "Cells are the median over seeds of the last recorded value" in final_text
