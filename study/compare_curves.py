@@ -15,9 +15,10 @@ and 100% of the step budget, each at the last evaluation at or before that
 point; 80% is the end of wsd's stable phase.
 
 Loss spike: a logged training step whose loss exceeds the median of the
-SPIKE_WINDOW steps before it by more than SPIKE_RISE of that median. A run of
-consecutive such steps is one spike. Steps within the first SPIKE_WINDOW are
-not judged, because the loss falls fastest there. NOTE: the paper defines no
+losses logged in the SPIKE_WINDOW steps before it by more than SPIKE_RISE of
+that median. A run of consecutive such steps is one spike. Steps within the
+first SPIKE_WINDOW are not judged, because the loss falls fastest there, so a
+budget that short has no spike count. NOTE: the paper defines no
 spike; the window and the 10% rise are this module's choice.
 """
 
@@ -59,22 +60,33 @@ class CurveAnalysis:
     notes: list[str]
 
 
-def count_spikes(losses: np.ndarray) -> int:
-    """Return the number of loss spikes in training losses logged step by step."""
-    values = np.asarray(losses, dtype=float)
+def count_spikes(losses) -> float:
+    """Return the number of loss spikes in training losses by step: a Series
+    indexed by step, or an array of consecutive steps from 0. NaN when no step
+    lies SPIKE_WINDOW steps past the first, so none could be judged."""
+    series = losses if isinstance(losses, pd.Series) else pd.Series(losses)
+    series = series.astype(float).sort_index()
+    if series.empty:
+        return math.nan
+    steps = series.index.to_numpy(dtype=float)
+    values = series.to_numpy()
+    judged = np.flatnonzero(steps >= steps[0] + SPIKE_WINDOW)
+    if not len(judged):
+        return math.nan
+    # The first index of each judged step's window; the steps are sorted.
+    starts = np.searchsorted(steps, steps[judged] - SPIKE_WINDOW, side="left")
     count, inside = 0, False
-    for index in range(SPIKE_WINDOW, len(values)):
-        window = values[index - SPIKE_WINDOW : index]
+    for index, start in zip(judged, starts):
+        window = values[start:index]
         window = window[np.isfinite(window)]
         if not len(window) or not math.isfinite(values[index]):
             inside = False
             continue
-        reference = float(np.median(window))
-        spike = values[index] > reference * (1.0 + SPIKE_RISE)
+        spike = values[index] > float(np.median(window)) * (1.0 + SPIKE_RISE)
         if spike and not inside:
             count += 1
         inside = spike
-    return count
+    return float(count)
 
 
 def _history(client, run_id: str, metric: str) -> pd.Series:
@@ -111,7 +123,7 @@ def _cell_curve(client, chosen: pd.DataFrame) -> _CellCurve | None:
         validation = _history(client, run_id, "val/loss")
         if len(validation):
             losses.append(validation)
-            spikes.append(count_spikes(_history(client, run_id, "train/loss").values))
+            spikes.append(count_spikes(_history(client, run_id, "train/loss")))
     if not losses:
         return None
     median = pd.concat(losses, axis=1).median(axis=1, skipna=False).dropna()
@@ -209,10 +221,16 @@ def curve_findings(curves: CurveAnalysis) -> list[str]:
             f"{row['setting']}, batch size {row['batch_size']}, {row['variant']} "
             f"against {row['baseline']}: the gap {trend} from {first:+.4f} at "
             f"{known[0]}% to {stable_end:+.4f} at 80% of the budget "
-            f"({row['gap_100']:+.4f} at the end); loss spikes {row['spikes']:g} "
-            f"against {row['baseline_spikes']:g}"
+            f"({row['gap_100']:+.4f} at the end)"
+            + _spike_text(row["spikes"], row["baseline_spikes"])
         )
     return findings
+
+
+def _spike_text(spikes: float, baseline_spikes: float) -> str:
+    if math.isnan(spikes) or math.isnan(baseline_spikes):
+        return f"; loss spikes not counted, the budget is under {SPIKE_WINDOW} steps"
+    return f"; loss spikes {spikes:g} against {baseline_spikes:g}"
 
 
 def attach_curves(client, analysis: CompareAnalysis) -> None:
@@ -231,7 +249,9 @@ def curve_frame(curves: CurveAnalysis) -> pd.DataFrame:
             lambda value: "" if math.isnan(value) else f"{value:+.4f}"
         )
     for count in ("spikes", "baseline_spikes"):
-        frame[count] = frame[count].map(lambda value: f"{value:g}")
+        frame[count] = frame[count].map(
+            lambda value: "n/a" if math.isnan(value) else f"{value:g}"
+        )
     return frame.rename(
         columns={
             "batch_size": "batch size",

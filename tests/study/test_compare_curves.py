@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -34,6 +36,19 @@ def test_spikes_skip_first_window_and_nan():
     losses[SPIKE_WINDOW - 1] *= 2.0  # inside the first window
     losses[120] = np.nan
     assert count_spikes(losses) == 0
+
+
+def test_short_budget_has_no_spike_count():
+    losses = _falling(SPIKE_WINDOW)
+    losses[-1] *= 30.0
+    assert math.isnan(count_spikes(losses))
+
+
+def test_spike_window_counts_steps_not_points():
+    # Logged every 10 steps: the window of 50 steps holds 5 points.
+    losses = pd.Series(_falling(100), index=range(0, 1000, 10))
+    losses[600] *= 1.3
+    assert count_spikes(losses) == 1
 
 
 def test_findings_say_whether_the_gap_grew():
