@@ -516,7 +516,16 @@ def _gap_row(cell: pd.Series, cells: pd.DataFrame, trials: pd.DataFrame) -> dict
         & (cells.variant == row["baseline"])
     ]
     if matches.empty:
-        row["status"] = f"no baseline: {row['baseline']} was not run"
+        same_sweep = trials[
+            (trials.setting == cell.setting)
+            & (trials.batch_size == cell.batch_size)
+            & (trials.base == cell.base)
+        ]
+        planned = {p for powers in same_sweep.planned_powers.dropna() for p in powers}
+        if BASELINE_POWER in planned:
+            row["status"] = f"no baseline: {row['baseline']} has no recorded trial yet"
+        else:
+            row["status"] = f"no baseline: {row['baseline']} was not run"
         return row
 
     baseline = matches.iloc[0]

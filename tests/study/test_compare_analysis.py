@@ -352,6 +352,16 @@ def test_missing_and_diverged_baseline(storage):
     )
 
 
+def test_unrecorded_baseline_is_not_missing(storage):
+    # The grid has p = 1, but only p = 1.2 finished so far.
+    record_entry(
+        storage, "sweep", [trial(1.2, 3.4)], setting="partial", power_grid=[1.0, 1.2]
+    )
+    analysis = analyze_compare(storage, "adam_vs_adampower", "cpu")
+    pending = gap_of(analysis, "AdamPower", setting="partial")
+    assert pending.status == "no baseline: Adam has no recorded trial yet"
+
+
 def test_diverged_seed_left_out(storage):
     record_entry(
         storage,
