@@ -118,6 +118,19 @@ class _TuneHintFilter(logging.Filter):
 _TUNE_HINT_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
+@contextlib.contextmanager
+def _tune_hints_dropped() -> Iterator[None]:
+    """Apply `_TuneHintFilter` to Ray Tune's loggers within the block."""
+    hint_filter = _TuneHintFilter()
+    for name in _TUNE_HINT_LOGGERS:
+        logging.getLogger(name).addFilter(hint_filter)
+    try:
+        yield
+    finally:
+        for name in _TUNE_HINT_LOGGERS:
+            logging.getLogger(name).removeFilter(hint_filter)
+
+
 class TargetStopper(tune.Stopper):
     """Stops a trial once its result carries an end state or meets a target
     that ends trials (`target.stop`)."""
@@ -812,12 +825,13 @@ def run_study(
         callback = RecordingCallback(recorder, Progress(plans, units))
         if resume_run_id:
             _repoint_unstarted_trials(experiment_path)
-            tuner = tune.Tuner.restore(
-                str(experiment_path),
-                trainable=trainable,
-                resume_unfinished=True,
-                resume_errored=True,
-            )
+            with _tune_hints_dropped():
+                tuner = tune.Tuner.restore(
+                    str(experiment_path),
+                    trainable=trainable,
+                    resume_unfinished=True,
+                    resume_errored=True,
+                )
             _replace_restored_callbacks(tuner, callback)
         else:
             tuner = _new_tuner(
@@ -831,14 +845,8 @@ def run_study(
                 max_concurrent,
                 callback,
             )
-        hint_filter = _TuneHintFilter()
-        for name in _TUNE_HINT_LOGGERS:
-            logging.getLogger(name).addFilter(hint_filter)
-        try:
+        with _tune_hints_dropped():
             tuner.fit()
-        finally:
-            for name in _TUNE_HINT_LOGGERS:
-                logging.getLogger(name).removeFilter(hint_filter)
         status = RunStatus.FINISHED
     except KeyboardInterrupt:
         status = RunStatus.KILLED
