@@ -1004,6 +1004,8 @@ def _type_error_fix(kind: str, value: Any, limits: dict[str, Any]) -> str | None
     """Return the fix for a pydantic error of type `kind` on `value`, or None."""
     if kind in _WHOLE_NUMBER_TYPES | _NUMBER_TYPES and _is_number_text(value):
         return "write numbers without quotes"
+    if kind in _WHOLE_NUMBER_TYPES | _NUMBER_TYPES and isinstance(value, bool):
+        return "YAML reads yes, no, on and off as true or false; write a number"
     if kind in _WHOLE_NUMBER_TYPES:
         return "write a whole number, such as 4"
     if kind in _NUMBER_TYPES:

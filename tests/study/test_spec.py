@@ -408,6 +408,7 @@ def test_spec_quoted_number_names_fix(tmp_path):
         ({"grid.power": "all"}, "(got 'all'); write a list in square brackets"),
         ({"model": "tiny"}, "(got 'tiny'); write a mapping of keys to values"),
         ({"target.stop": "maybe"}, "(got 'maybe'); write true or false"),
+        ({"eval_every_steps": True}, "(got True); YAML reads yes, no, on and off"),
     ],
 )
 def test_spec_type_error_names_fix(tmp_path, change, expected):
