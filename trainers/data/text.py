@@ -1019,9 +1019,10 @@ class TokenBatches:
         pseudo-random order (`keyed_permutation`). Step s takes positions
         s * batch_size up to (s + 1) * batch_size of the concatenated epochs,
         so a trial whose token budget equals the split trains on every
-        training token once, and a batch that crosses an epoch end continues with the
-        next epoch. The batch is a pure function of (seed, step, batch_size),
-        so a resumed run gets the same batches as an uninterrupted one.
+        training token once, and a batch that crosses an epoch end continues
+        with the next epoch. The batch is a pure function of (seed, step,
+        batch_size), so a resumed run gets the same batches as an
+        uninterrupted one.
         """
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
