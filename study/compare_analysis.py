@@ -482,16 +482,32 @@ def _build_cells(trials: pd.DataFrame) -> pd.DataFrame:
 # Gaps to the baseline
 
 
-def _chosen_losses(trials: pd.DataFrame, cell: pd.Series) -> pd.Series:
-    """Return the usable losses by seed at the cell's lr_max."""
-    selected = trials[
-        (trials.setting == cell.setting)
-        & (trials.batch_size == cell.batch_size)
-        & (trials.variant == cell.variant)
-        & (trials.lr_max == cell.lr_max)
+def chosen_trials(
+    trials: pd.DataFrame, setting, batch_size, variant: str, lr_max: float
+) -> pd.DataFrame:
+    """Return the usable trials of one cell at one lr_max."""
+    return trials[
+        (trials.setting == setting)
+        & (trials.batch_size == batch_size)
+        & (trials.variant == variant)
+        & (trials.lr_max == lr_max)
         & trials.usable
     ]
+
+
+def _chosen_losses(trials: pd.DataFrame, cell: pd.Series) -> pd.Series:
+    """Return the usable losses by seed at the cell's lr_max."""
+    selected = chosen_trials(
+        trials, cell.setting, cell.batch_size, cell.variant, cell.lr_max
+    )
     return selected.groupby("seed").val_loss.median()
+
+
+def _planned_powers(trials: pd.DataFrame) -> set[float]:
+    """Return every power of the grids of `trials`, recorded or not."""
+    return {
+        float(power) for powers in trials.planned_powers.dropna() for power in powers
+    }
 
 
 def _gap_row(cell: pd.Series, cells: pd.DataFrame, trials: pd.DataFrame) -> dict:
@@ -521,8 +537,7 @@ def _gap_row(cell: pd.Series, cells: pd.DataFrame, trials: pd.DataFrame) -> dict
             & (trials.batch_size == cell.batch_size)
             & (trials.base == cell.base)
         ]
-        planned = {p for powers in same_sweep.planned_powers.dropna() for p in powers}
-        if BASELINE_POWER in planned:
+        if BASELINE_POWER in _planned_powers(same_sweep):
             row["status"] = f"no baseline: {row['baseline']} has no recorded trial yet"
         else:
             row["status"] = f"no baseline: {row['baseline']} was not run"
@@ -641,11 +656,7 @@ def _best_power_row(keys: tuple, group: pd.DataFrame, planned: set[float]) -> di
 
 def _build_best_powers(cells: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     keys = ["setting", "batch_size", "base", "blockwise_lr"]
-    planned: dict[tuple, set[float]] = {}
-    for key, group in trials.groupby(keys):
-        planned[key] = {
-            float(power) for powers in group.planned_powers.dropna() for power in powers
-        }
+    planned = {key: _planned_powers(group) for key, group in trials.groupby(keys)}
     rows = [
         _best_power_row(key, group, planned.get(key, set()))
         for key, group in cells.groupby(keys)

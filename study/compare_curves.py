@@ -18,8 +18,8 @@ Loss spike: a logged training step whose loss exceeds the median of the
 losses logged in the SPIKE_WINDOW steps before it by more than SPIKE_RISE of
 that median. A run of consecutive such steps is one spike. Steps within the
 first SPIKE_WINDOW are not judged, because the loss falls fastest there, so a
-budget that short has no spike count. NOTE: the paper defines no
-spike; the window and the 10% rise are this module's choice.
+budget that short has no spike count. NOTE: the GradPower paper defines no
+spike, so the window and the 10% rise are this module's choice.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from study.compare_analysis import CompareAnalysis
+from study.compare_analysis import CompareAnalysis, chosen_trials
 
 # Shares of the step budget at which the gap is shown.
 GAP_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -95,18 +95,6 @@ def _history(client, run_id: str, metric: str) -> pd.Series:
     return series.sort_index()
 
 
-def _chosen_trials(
-    trials: pd.DataFrame, setting, batch_size, variant: str, lr_max: float
-) -> pd.DataFrame:
-    return trials[
-        (trials.setting == setting)
-        & (trials.batch_size == batch_size)
-        & (trials.variant == variant)
-        & (trials.lr_max == lr_max)
-        & trials.usable
-    ]
-
-
 @dataclass
 class _CellCurve:
     val_loss: pd.Series
@@ -157,7 +145,7 @@ def analyze_curves(client, analysis: CompareAnalysis) -> CurveAnalysis:
     def curve_of(setting, batch_size, variant: str, lr_max: float):
         key = (setting, batch_size, variant, lr_max)
         if key not in curves:
-            chosen = _chosen_trials(
+            chosen = chosen_trials(
                 analysis.trials, setting, batch_size, variant, lr_max
             )
             curves[key] = _cell_curve(client, chosen)
