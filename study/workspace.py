@@ -63,8 +63,11 @@ def _signals_deferred() -> Iterator[None]:
 
 def open_tracking_client(uri: str):
     """Return an MLflow client of the tracking store at `uri` after one query,
-    which creates a new store's tables; raise StudyFileError with the fix when
-    the store's schema cannot be read or created."""
+    which creates a new store's tables.
+
+    Raises StudyFileError with the fix when the schema cannot be read or
+    created.
+    """
     from mlflow.tracking import MlflowClient
 
     try:
@@ -72,7 +75,8 @@ def open_tracking_client(uri: str):
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - MLflow and SQLAlchemy raise several types
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        # MLflow's own advice follows its first sentence; the fix below has it.
+        # MLflow's own advice follows its first sentence, and the message below
+        # gives that fix.
         reason = reason.split(". ")[0].rstrip(".")
         raise StudyFileError(
             f"MLflow tracking store {uri} cannot be opened ({reason}). If a "
@@ -636,20 +640,22 @@ def _check_database(url: str, store: str, option: str) -> None:
     DATABASE_PROBE_TIMEOUT_SEC, and raise StudyFileError naming `store` and
     `option` when that fails."""
     try:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        display_url = sqlalchemy.engine.make_url(url).render_as_string(
+            hide_password=True
+        )
     except (sqlalchemy.exc.ArgumentError, ValueError):
         # A port that is not a number raises ValueError.
-        shown = url
+        display_url = url
     try:
         engine = sqlalchemy.create_engine(url)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError):
         raise StudyFileError(
-            f"{store} URL {shown!r} is invalid; pass a URL such as "
+            f"{store} URL {display_url!r} is invalid; pass a URL such as "
             f"postgresql+psycopg2://user@host:5432/db with {option}"
         ) from None
     except ModuleNotFoundError as error:
         raise StudyFileError(
-            f"{store} {shown!r} needs the database driver module "
+            f"{store} {display_url!r} needs the database driver module "
             f"{error.name!r}; install it (`pip install 'gradpower-study[postgres]'` "
             "provides psycopg2 for postgresql+psycopg2:// URLs)"
         ) from None
@@ -670,7 +676,7 @@ def _check_database(url: str, store: str, option: str) -> None:
     probe.join(DATABASE_PROBE_TIMEOUT_SEC)
     if probe.is_alive():
         raise StudyFileError(
-            f"{store} {shown} accepted no database connection within "
+            f"{store} {display_url} accepted no database connection within "
             f"{DATABASE_PROBE_TIMEOUT_SEC} s; check that a database server listens "
             f"there, or pass another {option}"
         )
@@ -679,7 +685,7 @@ def _check_database(url: str, store: str, option: str) -> None:
         error = errors[0]
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
         raise StudyFileError(
-            f"{store} {shown} cannot be reached ({reason}); start the "
+            f"{store} {display_url} cannot be reached ({reason}); start the "
             f"database or pass another {option}"
         )
 

@@ -45,7 +45,7 @@ def test_short_budget_has_no_spike_count():
 
 
 def test_spike_window_counts_steps_not_points():
-    # Logged every 10 steps: the window of 50 steps holds 5 points.
+    # Logged every 10 steps: the window of 50 steps contains 5 points.
     losses = pd.Series(_falling(100), index=range(0, 1000, 10))
     losses[600] *= 1.3
     assert count_spikes(losses) == 1

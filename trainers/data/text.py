@@ -1017,8 +1017,8 @@ class TokenBatches:
         it into windows that start every seq_len tokens from an offset (0 in
         epoch 0, drawn from (seed, e) later) and visits them in a keyed
         pseudo-random order (`keyed_permutation`). Step s takes positions
-        s * batch_size up to (s + 1) * batch_size of the concatenated epochs,
-        so a trial whose token budget equals the split trains on every
+        s * batch_size up to (s + 1) * batch_size of the concatenated epochs.
+        A trial whose token budget equals the split therefore trains on every
         training token once, and a batch that crosses an epoch end continues
         with the next epoch. The batch is a pure function of (seed, step,
         batch_size), so a resumed run gets the same batches as an
