@@ -34,6 +34,7 @@ import sqlalchemy
 from scipy import stats
 
 from study.spec import StudyFileError
+from trainers.tables import DOWNSTREAM_COLUMNS
 
 BASELINE_POWER = 1.0
 BASE_OPTIMIZERS = {"adampower": "Adam", "muonpower": "Muon"}
@@ -71,6 +72,7 @@ TRIAL_COLUMNS = [
     "steps_done",
     "time_train_sec",
     "planned_powers",
+    "downstream",
 ]
 
 
@@ -135,6 +137,9 @@ class CompareAnalysis:
     """The gap during training and the loss spikes (`study.compare_curves`),
     when the run's MLflow histories were read; None otherwise."""
     findings: list[str] = field(default_factory=list)
+    downstream: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """One row per cell whose trials recorded zero-shot downstream accuracy:
+    the mean over those seeds of each task's acc and acc_norm, and `average`."""
 
     @property
     def stem(self) -> str:
@@ -299,6 +304,8 @@ def _trial_rows(attrs: dict, optuna_study: optuna.Study) -> list[dict]:
                 "time_train_sec": _float_or_nan(trial_attrs.get("time_train_sec")),
                 # The entry's whole power grid, finished or not.
                 "planned_powers": _planned(trial, "power"),
+                # {task: {"acc": ..., "acc_norm": ...}} of an entry with downstream.
+                "downstream": trial_attrs.get("downstream") or None,
             }
         )
     return rows
@@ -501,6 +508,43 @@ def _chosen_losses(trials: pd.DataFrame, cell: pd.Series) -> pd.Series:
         trials, cell.setting, cell.batch_size, cell.variant, cell.lr_max
     )
     return selected.groupby("seed").val_loss.median()
+
+
+def _build_downstream(cells: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Average each cell's downstream accuracies over the seeds of its chosen
+    trials, in the column order of the GradPower paper's Table 1.
+
+    A task that some of those trials did not record is left out of the cell.
+    """
+    rows = []
+    for cell in cells.itertuples():
+        if math.isnan(cell.lr_max):
+            continue
+        chosen = chosen_trials(
+            trials, cell.setting, cell.batch_size, cell.variant, cell.lr_max
+        )
+        results = [result for result in chosen.downstream if isinstance(result, dict)]
+        if not results:
+            continue
+        row: dict[str, Any] = {
+            "setting": cell.setting,
+            "batch_size": cell.batch_size,
+            "variant": cell.variant,
+            "lr_max": cell.lr_max,
+            "seeds": len(results),
+        }
+        table_values = []
+        for task, (_, metric) in DOWNSTREAM_COLUMNS.items():
+            if not all(task in result for result in results):
+                continue
+            for name in ("acc", "acc_norm"):
+                values = [float(result[task].get(name, math.nan)) for result in results]
+                row[f"{task}/{name}"] = float(np.mean(values))
+            row[f"{task}/examples"] = results[0][task].get("examples", math.nan)
+            table_values.append(row[f"{task}/{metric}"])
+        row["average"] = float(np.mean(table_values)) if table_values else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _planned_powers(trials: pd.DataFrame) -> set[float]:
@@ -880,6 +924,7 @@ def analyze_compare(
         fit_gaps=fit_gaps,
         counts=_counts(trials),
         notes=notes,
+        downstream=_build_downstream(cells, trials),
     )
 
 

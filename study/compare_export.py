@@ -29,6 +29,7 @@ from study.compare_analysis import (
 )
 from study.compare_curves import GAP_RULE, SPIKE_RULE, curve_frame
 from study.export import _latex_escape, frame_to_markdown
+from trainers.tables import DOWNSTREAM_COLUMNS
 
 # Table formats that the exports write; html is `study report`'s page.
 FORMATS = ("md", "csv", "latex")
@@ -156,6 +157,66 @@ def fit_frame_text(analysis: CompareAnalysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*columns, "alpha s.e.", "R^2"])
 
 
+def downstream_frame(analysis: CompareAnalysis, bold=str) -> pd.DataFrame:
+    """Format the zero-shot accuracies in percent, like the GradPower paper's
+    Table 1, with `bold` applied to the best value of each column per
+    (setting, batch size)."""
+    table = analysis.downstream
+    tasks = [
+        (task, title, metric)
+        for task, (title, metric) in DOWNSTREAM_COLUMNS.items()
+        if f"{task}/{metric}" in table.columns
+    ]
+    columns = ["setting", "batch size", "method", *[t[1] for t in tasks], "Avg."]
+    frame = pd.DataFrame(columns=[*columns, "seeds"])
+    if table.empty:
+        return frame
+    for (setting, batch_size), group in table.groupby(["setting", "batch_size"]):
+        values = {title: group[f"{task}/{metric}"] for task, title, metric in tasks}
+        values["Avg."] = group["average"]
+        for index, row in group.iterrows():
+            line = {
+                "setting": setting,
+                "batch size": int(batch_size),
+                "method": row["variant"],
+                "seeds": int(row["seeds"]),
+            }
+            for title, column in values.items():
+                value = column[index]
+                text = "" if math.isnan(value) else f"{100 * value:.2f}"
+                best = len(group) > 1 and value == column.max()
+                line[title] = bold(text) if text and best else text
+            frame.loc[len(frame)] = line
+    return frame
+
+
+def downstream_footnote(analysis: CompareAnalysis) -> str:
+    """Say what the downstream table's cells are and how many examples each
+    task scored."""
+    table = analysis.downstream
+    normalized = [
+        title
+        for task, (title, metric) in DOWNSTREAM_COLUMNS.items()
+        if metric == "acc_norm" and f"{task}/{metric}" in table.columns
+    ]
+    examples = [
+        f"{title} {int(table[f'{task}/examples'].max())}"
+        for task, (title, _) in DOWNSTREAM_COLUMNS.items()
+        if f"{task}/examples" in table.columns
+    ]
+    text = (
+        "Zero-shot accuracy in percent on the final weights, mean over the seeds "
+        "at the variant's best lr_max; each choice is scored by the summed "
+        "log-probability of its tokens"
+    )
+    if normalized:
+        text += f" ({', '.join(normalized)}: divided by its length in characters)"
+    text += ". Avg.: mean of the task columns. Bold: the best of each column."
+    if examples:
+        text += f" Examples per task: {', '.join(examples)}."
+    return text
+
+
 def _count_line(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     line = (
@@ -210,6 +271,14 @@ def compare_markdown(analysis: CompareAnalysis) -> str:
             "",
             frame_to_markdown(curve_frame(analysis.curves)),
             f"Gap: {GAP_RULE}. Spikes: {SPIKE_RULE}.",
+        ]
+    if len(analysis.downstream):
+        parts += [
+            "",
+            "## Zero-shot downstream accuracy",
+            "",
+            frame_to_markdown(downstream_frame(analysis, lambda t: f"**{t}**")),
+            downstream_footnote(analysis),
         ]
     if analysis.notes:
         parts += ["", "## Notes", ""]
@@ -309,51 +378,32 @@ def _title(analysis) -> str:
     return f"{analysis.study} ({analysis.scale})"
 
 
-def _write_best_power_files(
+def _write_table_files(
     analysis: CompareAnalysis,
     directory: Path,
     paths: dict[str, Path],
     formats: Collection[str],
+    name: str,
+    numbers: pd.DataFrame,
+    display: pd.DataFrame,
+    caption: str,
 ) -> None:
+    """Write one table as `<stem>-<name>.csv` from `numbers` and as
+    `<stem>-<name>.tex` from the `display` frame, and add the paths to `paths`
+    as `<name>_csv` and `<name>_latex`."""
+    key = name.replace("-", "_")
     if "csv" in formats:
-        paths["best_power_csv"] = directory / f"{analysis.stem}-best-power.csv"
-        analysis.best_powers.to_csv(paths["best_power_csv"], index=False)
+        paths[f"{key}_csv"] = directory / f"{analysis.stem}-{name}.csv"
+        numbers.to_csv(paths[f"{key}_csv"], index=False)
     if "latex" in formats:
-        paths["best_power_latex"] = directory / f"{analysis.stem}-best-power.tex"
-        paths["best_power_latex"].write_text(
+        paths[f"{key}_latex"] = directory / f"{analysis.stem}-{name}.tex"
+        paths[f"{key}_latex"].write_text(
             frame_to_latex(
-                best_power_frame(analysis),
-                f"{_title(analysis)}: best power p",
-                _latex_label(analysis, "best-power"),
+                display,
+                f"{_title(analysis)}: {caption}",
+                _latex_label(analysis, name),
             )
         )
-
-
-def _write_fit_files(
-    analysis: CompareAnalysis,
-    directory: Path,
-    paths: dict[str, Path],
-    formats: Collection[str],
-) -> None:
-    fits = fits_frame(analysis.fits)
-    if "csv" in formats:
-        paths["fits_csv"] = directory / f"{analysis.stem}-fits.csv"
-        fits.to_csv(paths["fits_csv"], index=False)
-    if "latex" in formats:
-        paths["fits_latex"] = directory / f"{analysis.stem}-fits.tex"
-        paths["fits_latex"].write_text(
-            frame_to_latex(
-                fit_frame_text(analysis),
-                f"{_title(analysis)}: L(N) = A N^(-alpha)",
-                _latex_label(analysis, "fits"),
-            )
-        )
-    paths["plot_scaling"] = plot_loss_vs_params(
-        analysis.cells,
-        fits,
-        _title(analysis),
-        directory / f"{analysis.stem}-loss-vs-params.png",
-    )
 
 
 def export_compare(
@@ -395,9 +445,45 @@ def export_compare(
     )
 
     if len(analysis.best_powers):
-        _write_best_power_files(analysis, directory, paths, formats)
+        _write_table_files(
+            analysis,
+            directory,
+            paths,
+            formats,
+            "best-power",
+            analysis.best_powers,
+            best_power_frame(analysis),
+            "best power p",
+        )
     if analysis.fits:
-        _write_fit_files(analysis, directory, paths, formats)
+        fits = fits_frame(analysis.fits)
+        _write_table_files(
+            analysis,
+            directory,
+            paths,
+            formats,
+            "fits",
+            fits,
+            fit_frame_text(analysis),
+            "L(N) = A N^(-alpha)",
+        )
+        paths["plot_scaling"] = plot_loss_vs_params(
+            analysis.cells,
+            fits,
+            _title(analysis),
+            directory / f"{stem}-loss-vs-params.png",
+        )
+    if len(analysis.downstream):
+        _write_table_files(
+            analysis,
+            directory,
+            paths,
+            formats,
+            "downstream",
+            analysis.downstream,
+            downstream_frame(analysis, lambda text: f"\\textbf{{{text}}}"),
+            downstream_footnote(analysis),
+        )
     if analysis.curves is not None and len(analysis.curves.histories):
         if "csv" in formats:
             paths["curves_csv"] = directory / f"{stem}-gap-during-training.csv"
@@ -495,4 +581,6 @@ def report_sections(
         sections.append(("Loss against parameters", fit_frame_text(analysis)))
     if analysis.curves is not None and len(analysis.curves.gaps):
         sections.append(("Gap during training", curve_frame(analysis.curves)))
+    if len(analysis.downstream):
+        sections.append(("Zero-shot downstream accuracy", downstream_frame(analysis)))
     return sections

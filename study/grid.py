@@ -65,7 +65,12 @@ def _trial_config(
 
 
 def _study_attrs(label: str, entry: WorkloadStudy, analysis: str) -> dict[str, Any]:
+    downstream = {}
+    if entry.downstream is not None:
+        settings = entry.downstream.model_dump()
+        downstream["downstream"] = json.dumps(settings, sort_keys=True)
     return {
+        **downstream,
         "analysis": analysis,
         "setting": entry.setting or label,
         "series": entry.series,

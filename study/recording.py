@@ -194,7 +194,20 @@ def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> di
         value = result.get(name)
         if isinstance(value, (int, float)) and math.isfinite(value):
             summary[name.replace("/", "_")] = float(value)
+    downstream = downstream_results(result)
+    if downstream:
+        summary["downstream"] = downstream
     return summary
+
+
+def downstream_results(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Group a result's `downstream/<task>/<metric>` values by task."""
+    tasks: dict[str, dict[str, float]] = {}
+    for name, value in numeric_metrics(result).items():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "downstream":
+            tasks.setdefault(parts[1], {})[parts[2]] = value
+    return tasks
 
 
 def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
@@ -237,6 +250,8 @@ def trial_params(plan: TrialPlan) -> dict[str, str]:
         settings = WORKLOAD_SETTINGS.get(config["workload"])
         defaults = settings[2] if settings else {}
         _flatten("data", {**defaults, **data}, logged)
+    if "downstream" in plan.study_attrs:
+        _flatten("downstream", json.loads(plan.study_attrs["downstream"]), logged)
     return {name: _param_text(value) for name, value in logged.items()}
 
 

@@ -395,7 +395,10 @@ def prepare_data(
             continue
         workload_class = get_workload_class(entry.workload or label)
         logger.info("preparing data for %s (%s)", label, workload_class.name)
-        prepared[label] = workload_class.prepare(dict(entry.data), workspace.data_cache)
+        data = dict(entry.data)
+        if entry.downstream is not None:
+            data["downstream"] = entry.downstream.model_dump()
+        prepared[label] = workload_class.prepare(data, workspace.data_cache)
     return prepared
 
 

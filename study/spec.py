@@ -600,6 +600,27 @@ class ImageData(Strict):
         return _check_choice("dataset", value, workload_tables.ImageDatasetName)
 
 
+class Downstream(Strict):
+    """`downstream` of an lm entry: zero-shot benchmarks scored once on each
+    trial's final weights (`trainers.downstream`), as in Table 1 of the
+    GradPower paper."""
+
+    tasks: list[workload_tables.DownstreamTask] = Field(min_length=1)
+    dir: str | None = None
+    """Folder with `<task>.jsonl` (or .json, .parquet) files in the hub
+    datasets' fields; None downloads the tasks from the Hugging Face hub."""
+    max_examples: int | None = Field(default=None, ge=1)
+    """Number of examples scored per task, counted from the first; None scores all."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_unique_tasks(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            repeated = sorted({task for task in values if values.count(task) > 1})
+            raise ValueError(f"tasks {values} lists {repeated} twice; remove one")
+        return values
+
+
 # The settings models of each training workload's `model` and `data`, and the
 # defaults that fill unset data keys.
 WORKLOAD_SETTINGS: dict[str, tuple[type[Strict], type[Strict], dict[str, Any]]] = {
@@ -626,6 +647,12 @@ def _check_workload_settings(kind: str, entry: WorkloadStudy) -> None:
     model_class, data_class, defaults = WORKLOAD_SETTINGS[kind]
     _check_settings_model(model_class, entry.model, ("model",))
     _check_settings_model(data_class, {**defaults, **entry.data}, ("data",))
+    if entry.downstream is not None and kind != "lm":
+        raise SettingError(
+            f"downstream evaluation scores language models, and this is a {kind} "
+            "entry; remove downstream or move it to an lm entry",
+            ("downstream",),
+        )
 
 
 class WorkloadStudy(Strict):
@@ -653,6 +680,8 @@ class WorkloadStudy(Strict):
     from step 0."""
     fault_injection: FaultInjection | None = None
     resources: Resources = Resources()
+    downstream: Downstream | None = None
+    """Zero-shot downstream evaluation of every trial's final weights (lm only)."""
 
     @model_validator(mode="after")
     def _check_fault_injection(self) -> WorkloadStudy:

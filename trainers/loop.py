@@ -109,6 +109,20 @@ def _gradient_norm(model: nn.Module, clip_norm: float | None) -> float:
     return norm
 
 
+def _final_evaluation(
+    workload: Workload, model: nn.Module, precision: MixedPrecision
+) -> dict[str, Any]:
+    """Return the workload's metrics on the final weights, with their time."""
+    started = time.perf_counter()
+    model.eval()
+    with precision.autocast():
+        metrics: dict[str, Any] = workload.final_evaluate(model)
+    model.train()
+    if metrics:
+        metrics["time/final_eval_sec"] = time.perf_counter() - started
+    return metrics
+
+
 def run_trial(
     config: TrialConfig, report: Report, restore: dict[str, Any] | None = None
 ) -> TrialOutcome:
@@ -116,7 +130,8 @@ def run_trial(
 
     With `config.target_stop` off, a trial that meets the target trains on to
     the end of its budget and ends as reached, its `target/*` metrics from
-    the first evaluation that met the target.
+    the first evaluation that met the target. A trial that ends without
+    diverging gets the workload's `final_evaluate` metrics in its last report.
 
     `report` receives a metrics dict after every logged step; the last one it
     receives carries `end_state`. Every `checkpoint_every_steps` it also gets
@@ -235,6 +250,7 @@ def run_trial(
                 }
                 if config.target_stop:
                     metrics.update(reached, end_state="reached")
+                    metrics.update(_final_evaluation(workload, model, precision))
                     report(metrics)
                     return TrialOutcome("reached", steps_done, metrics)
             if value is not None and not math.isfinite(value):
@@ -249,6 +265,7 @@ def run_trial(
             if reached:
                 state = "reached"
             metrics["end_state"] = state
+            metrics.update(_final_evaluation(workload, model, precision))
             report(metrics)
             return TrialOutcome(state, steps_done, metrics)
         every = config.checkpoint_every_steps

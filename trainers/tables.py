@@ -44,6 +44,25 @@ QWEN2MOE_PRESETS: dict[str, dict[str, int]] = {
 }
 MODEL_FAMILIES = ("llama", "qwen2moe")
 
+# Zero-shot benchmarks of the paper's Table 1 that an lm entry's `downstream`
+# may name, in the table's column order (`trainers.downstream` defines them).
+DownstreamTask = Literal[
+    "arc_easy", "arc_challenge", "piqa", "hellaswag", "openbookqa", "winogrande"
+]
+# Each task's column heading in the downstream table and the accuracy it shows.
+# NOTE: the paper does not say which of acc and acc_norm its Table 1 shows. The
+# table uses acc_norm where the answer choices differ much in length (ARC-Challenge,
+# HellaSwag, OpenBookQA) and acc elsewhere, a common convention; trials record
+# both.
+DOWNSTREAM_COLUMNS: dict[str, tuple[str, str]] = {
+    "arc_easy": ("ARC-E", "acc"),
+    "arc_challenge": ("ARC-C", "acc_norm"),
+    "piqa": ("PIQA", "acc"),
+    "hellaswag": ("HellaSwag", "acc_norm"),
+    "openbookqa": ("OBQA", "acc_norm"),
+    "winogrande": ("WinoGrande", "acc"),
+}
+
 # Data settings of the lm workload that a study entry's `data` may override.
 LM_DEFAULT_DATA: dict[str, Any] = {
     "source": "bible",

@@ -492,3 +492,20 @@ def test_curve_gap_ends_at_final_gap(studies):
     output = results["adam_vs_adampower"].stdout
     assert "finding: llama_tiny, batch size" in output
     assert "loss spikes not counted, the budget is under 50 steps" in output
+
+
+def test_table1_scores_2b_c4_model():
+    """Table 1 of the GradPower paper evaluates its C4 LLaMA-2B models on six benchmarks."""
+    from study.spec import training_entries
+    from trainers.tables import DOWNSTREAM_COLUMNS
+
+    paper = training_entries(load_study("adam_vs_adampower").scale("paper"))
+    scored = {label: entry for label, entry in paper.items() if entry.downstream}
+
+    assert list(scored) == ["llama_2b_c4_cos"]
+    entry = scored["llama_2b_c4_cos"]
+    assert entry.model == {"family": "llama", "preset": "2b"}
+    assert entry.grid.power == [1.0, 1.2]
+    assert entry.downstream.tasks == list(DOWNSTREAM_COLUMNS)
+    assert entry.downstream.dir is None
+    assert entry.downstream.max_examples is None

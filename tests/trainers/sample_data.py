@@ -134,3 +134,69 @@ def write_random_cifar10(root: Path, train: int, test: int, seed: int = 0) -> Pa
         [index % 10 for index in range(test)],
     )
     return root
+
+
+def downstream_records(task: str, count: int, seed: int = 0) -> list[dict]:
+    """Return ``count`` records of a downstream task with the fields of its hub
+    dataset, built from WORDS; the correct choice cycles through the choices."""
+    generator = np.random.default_rng(seed)
+
+    def words(size: int) -> str:
+        return " ".join(generator.choice(WORDS, size=size))
+
+    records = []
+    for index in range(count):
+        if task in ("arc_easy", "arc_challenge", "openbookqa"):
+            labels = ["A", "B", "C", "D"] if index % 3 else ["1", "2", "3", "4"]
+            record = {
+                "id": f"{task}-{index}",
+                "choices": {"text": [words(2 + k) for k in range(4)], "label": labels},
+                "answerKey": labels[index % 4],
+            }
+            if task == "openbookqa":
+                record["question_stem"] = words(8)
+            else:
+                record["question"] = words(8) + "?"
+        elif task == "piqa":
+            record = {
+                "goal": words(6),
+                "sol1": words(5),
+                "sol2": words(7),
+                "label": index % 2,
+            }
+        elif task == "hellaswag":
+            record = {
+                "ind": index,
+                "activity_label": words(2).title(),
+                "ctx_a": words(6) + ".",
+                "ctx_b": words(3),
+                "ctx": "",
+                "endings": [words(4 + k) + " [title] " + words(2) for k in range(4)],
+                "source_id": f"activitynet~v_{index}",
+                "split": "val",
+                "split_type": "indomain",
+                "label": str(index % 4),
+            }
+        elif task == "winogrande":
+            first, second = generator.choice(WORDS, size=2, replace=False)
+            record = {
+                "sentence": f"{words(4)} _ {words(5)}.",
+                "option1": str(first),
+                "option2": str(second),
+                "answer": str(1 + index % 2),
+            }
+        else:
+            raise ValueError(f"unknown downstream task {task!r}; use one of TASK_NAMES")
+        records.append(record)
+    return records
+
+
+def write_downstream_files(directory: Path, count: int, tasks=None) -> Path:
+    """Write ``<task>.jsonl`` with ``count`` records for each downstream task."""
+    from trainers.downstream import TASK_NAMES
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for seed, task in enumerate(tasks or TASK_NAMES):
+        lines = [json.dumps(r) for r in downstream_records(task, count, seed=seed)]
+        (directory / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    return directory

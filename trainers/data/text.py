@@ -556,6 +556,24 @@ def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def shard_encoder(
+    shards: TokenShards, spec: TokenizerSpec
+) -> tuple[Callable[[list[str]], list[list[int]]], int]:
+    """Return ``(encode_batch, eos_id)`` of the tokenizer that wrote ``shards``:
+    the BPE saved beside them, or the pretrained tokenizer of ``spec``."""
+    if spec.kind == "bpe":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(shards.directory / "tokenizer.json"))
+
+        def encode_batch(texts: list[str]) -> list[list[int]]:
+            return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
+
+        return encode_batch, shards.eos_id
+    encoder = _load_pretrained(spec)
+    return encoder.encode_batch, encoder.eos_id
+
+
 def padded_vocab_size(vocab_size: int) -> int:
     """Round ``vocab_size`` up to the number of embedding rows the model allocates."""
     return -(-vocab_size // EMBEDDING_ROWS_MULTIPLE) * EMBEDDING_ROWS_MULTIPLE
@@ -662,13 +680,13 @@ def prepare_token_shards(
     key = _cache_key(source, tokenizer, val_tokens, max_train_tokens)
     directory = cache_root / f"{source.kind}-{tokenizer.kind}-{key[:20]}"
 
-    with _exclusive_lock(cache_root / f".{directory.name}.lock"):
-        if (directory / "meta.json").is_file():
-            logger.info("reusing token shards in %s", directory)
-        else:
-            _build_shards(
-                source, tokenizer, cache_root, directory, val_tokens, max_train_tokens
-            )
+    build_once(
+        directory,
+        lambda build_directory: _build_shards(
+            source, tokenizer, build_directory, directory, val_tokens, max_train_tokens
+        ),
+        "token shards",
+    )
 
     shards = TokenShards.load(directory)
     for split, count in (
@@ -772,7 +790,7 @@ def _cache_key(
     return hashlib.sha256(encoded).hexdigest()
 
 
-def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+def file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
     stats = []
     for path in paths:
         status = path.stat()
@@ -784,11 +802,11 @@ def _source_fingerprint(source: TextSource) -> object:
     if source.kind == "bible":
         return hashlib.sha256(_read_bible_text().encode()).hexdigest()
     if source.kind == "files":
-        return _file_stats(_expand_text_files(source.paths))
+        return file_stats(_expand_text_files(source.paths))
     if source.kind == "c4_local":
         shards = _find_c4_shards(source.paths, "train")
         shards += _find_c4_shards(source.paths, "validation")
-        return _file_stats(shards)
+        return file_stats(shards)
     # Hub datasets are identified by their name.
     return None
 
@@ -802,86 +820,103 @@ def _tokenizer_fingerprint(spec: TokenizerSpec) -> object:
     files = (
         [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
     )
-    return _file_stats(files)
+    return file_stats(files)
+
+
+def build_once(directory: Path, build: Callable[[Path], None], kind: str) -> None:
+    """Build the cache folder ``directory`` unless it is complete (has meta.json).
+
+    An exclusive lock on ``.<name>.lock`` beside it makes concurrent callers
+    wait for one build. ``build`` writes the files, meta.json last, into a
+    ``.tmp-*`` folder beside it, which is then renamed into place, so a killed
+    build leaves only a ``.tmp-*`` folder that can be deleted. ``kind`` names
+    the contents in the log line of a reuse.
+    """
+    with _exclusive_lock(directory.parent / f".{directory.name}.lock"):
+        if (directory / "meta.json").is_file():
+            logger.info("reusing %s in %s", kind, directory)
+            return
+        build_directory = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+        try:
+            build(build_directory)
+            try:
+                os.rename(build_directory, directory)
+            except OSError:
+                # Another process finished first although the lock should prevent
+                # that (flock may not be enforced on network filesystems). Its
+                # files are equally valid.
+                if not (directory / "meta.json").is_file():
+                    raise
+                shutil.rmtree(build_directory)
+        except BaseException:
+            shutil.rmtree(build_directory, ignore_errors=True)
+            raise
 
 
 def _build_shards(
     source: TextSource,
     spec: TokenizerSpec,
-    cache_root: Path,
+    build_directory: Path,
     directory: Path,
     val_tokens: int | None,
     max_train_tokens: int | None,
 ) -> None:
+    """Tokenize ``source`` into ``build_directory``, which becomes ``directory``."""
     started = time.perf_counter()
     logger.info("building token shards for %s with %s in %s", source, spec, directory)
-    build_directory = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_root))
-    try:
-        if spec.kind == "bpe":
-            encoder = _train_bpe(spec, source, build_directory)
-        else:
-            encoder = _load_pretrained(spec)
-        dtype = token_dtype(encoder.vocab_size)
-        train_count = _write_tokens(
-            encoder,
-            iter_documents(source, "train"),
-            build_directory / _SPLIT_FILES["train"],
-            dtype,
-            max_train_tokens,
-        )
-        val_count = _write_tokens(
-            encoder,
-            iter_documents(source, "validation"),
-            build_directory / _SPLIT_FILES["validation"],
-            dtype,
-            val_tokens,
-        )
-        for split, count in (("train", train_count), ("validation", val_count)):
-            if count == 0:
-                raise DataUnavailableError(
-                    f"the {split} split of {source.kind} contains no text. Check "
-                    "data.paths and data.max_documents."
-                )
-        if val_tokens is not None and val_count < val_tokens:
+    if spec.kind == "bpe":
+        encoder = _train_bpe(spec, source, build_directory)
+    else:
+        encoder = _load_pretrained(spec)
+    dtype = token_dtype(encoder.vocab_size)
+    train_count = _write_tokens(
+        encoder,
+        iter_documents(source, "train"),
+        build_directory / _SPLIT_FILES["train"],
+        dtype,
+        max_train_tokens,
+    )
+    val_count = _write_tokens(
+        encoder,
+        iter_documents(source, "validation"),
+        build_directory / _SPLIT_FILES["validation"],
+        dtype,
+        val_tokens,
+    )
+    for split, count in (("train", train_count), ("validation", val_count)):
+        if count == 0:
             raise DataUnavailableError(
-                f"val_tokens={val_tokens} requested, but the validation split of "
-                f"{source.kind} has only {val_count} tokens. Lower data.val_tokens or "
-                "add text to the source."
+                f"the {split} split of {source.kind} contains no text. Check "
+                "data.paths and data.max_documents."
             )
-        meta = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "vocab_size": encoder.vocab_size,
-            "model_vocab_size": padded_vocab_size(encoder.vocab_size),
-            "dtype": dtype,
-            "train_tokens": train_count,
-            "val_tokens": val_count,
-            "eos_id": encoder.eos_id,
-            "source": {
-                "kind": source.kind,
-                "paths": list(source.paths),
-                "max_documents": source.max_documents,
-            },
-            "tokenizer": {
-                "kind": spec.kind,
-                "vocab_size": spec.vocab_size,
-                "name_or_path": spec.name_or_path,
-            },
-            "requested_val_tokens": val_tokens,
-            "max_train_tokens": max_train_tokens,
-        }
-        (build_directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(build_directory, directory)
-        except OSError:
-            # Another process finished first although the lock should prevent that
-            # (flock may not be enforced on network filesystems). Its shards are
-            # equally valid.
-            if not (directory / "meta.json").is_file():
-                raise
-            shutil.rmtree(build_directory)
-    except BaseException:
-        shutil.rmtree(build_directory, ignore_errors=True)
-        raise
+    if val_tokens is not None and val_count < val_tokens:
+        raise DataUnavailableError(
+            f"val_tokens={val_tokens} requested, but the validation split of "
+            f"{source.kind} has only {val_count} tokens. Lower data.val_tokens or "
+            "add text to the source."
+        )
+    meta = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "vocab_size": encoder.vocab_size,
+        "model_vocab_size": padded_vocab_size(encoder.vocab_size),
+        "dtype": dtype,
+        "train_tokens": train_count,
+        "val_tokens": val_count,
+        "eos_id": encoder.eos_id,
+        "source": {
+            "kind": source.kind,
+            "paths": list(source.paths),
+            "max_documents": source.max_documents,
+        },
+        "tokenizer": {
+            "kind": spec.kind,
+            "vocab_size": spec.vocab_size,
+            "name_or_path": spec.name_or_path,
+        },
+        "requested_val_tokens": val_tokens,
+        "max_train_tokens": max_train_tokens,
+    }
+    (build_directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     logger.info(
         "built token shards in %s: %d train and %d validation tokens in %.1f s",
         directory,

@@ -55,6 +55,12 @@ class Workload(ABC):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics, keyed like `val/loss` and `val/accuracy`."""
 
+    @torch.no_grad()
+    def final_evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics computed once on the final weights of a trial that did not
+        diverge, such as zero-shot downstream accuracy; none by default."""
+        return {}
+
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Return the total parameters and those active for one token.

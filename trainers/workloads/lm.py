@@ -43,7 +43,9 @@ from trainers.data.text import (
     TokenizerSpec,
     TokenShards,
     prepare_token_shards,
+    shard_encoder,
 )
+from trainers.downstream import evaluate_downstream, prepare_downstream
 from trainers.tables import (
     LLAMA_PRESETS,
     LM_DEFAULT_DATA,
@@ -185,7 +187,17 @@ class LanguageModelWorkload(Workload):
             val_tokens=merged["val_tokens"],
             max_train_tokens=merged["max_train_tokens"],
         )
-        return {**data, "shards_dir": str(shards.directory)}
+        prepared = {**data, "shards_dir": str(shards.directory)}
+        if data.get("downstream"):
+            prepared["downstream_dir"] = str(
+                prepare_downstream(
+                    data["downstream"],
+                    cache_root,
+                    tokenizer_id=shards.directory.name,
+                    load_encoder=lambda: shard_encoder(shards, tokenizer),
+                )
+            )
+        return prepared
 
     def build_model(self) -> nn.Module:
         model = build_language_model(
@@ -225,6 +237,27 @@ class LanguageModelWorkload(Workload):
 
     def progress_count(self, batch: torch.Tensor) -> int:
         return batch.size(0) * (batch.size(1) - 1)
+
+    @torch.no_grad()
+    def final_evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Zero-shot accuracy on the downstream tasks of ``data.downstream``,
+        when the data names any; see `trainers.downstream`."""
+        settings = self.config.data.get("downstream")
+        if not settings:
+            return {}
+        if "downstream_dir" not in self.config.data:
+            raise ValueError(
+                "data.downstream needs prepared requests (data.downstream_dir); "
+                "call LanguageModelWorkload.prepare first"
+            )
+        return evaluate_downstream(
+            model,
+            Path(self.config.data["downstream_dir"]),
+            list(settings["tasks"]),
+            seq_len=self.seq_len,
+            batch_size=max(1, self.config.micro_batch_size or self.config.batch_size),
+            device=self.device,
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -1,0 +1,134 @@
+"""A compare study with `downstream:` records zero-shot accuracy per trial and
+exports it as Table 1 of the GradPower paper (real Ray, MLflow and Optuna stores)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from study.cli import main
+from study.spec import StudyFileError, load_study
+from tests.study.resilience_support import TINY_LM, child_runs, optuna_trials
+from tests.trainers.sample_data import write_downstream_files
+from trainers.downstream import TASK_NAMES
+
+pytestmark = pytest.mark.slow
+
+
+def _write_study(tmp_path, downstream: dict) -> str:
+    entry = {
+        **TINY_LM,
+        "grid": {"batch_size": [4], "power": [1.0, 1.2], "lr_max": [0.01]},
+        "budget": {"steps": 6},
+        "eval_every_steps": 3,
+        "downstream": downstream,
+    }
+    del entry["target"], entry["checkpoint_every_steps"]
+    spec = {
+        "name": "zero_shot",
+        "analysis": "compare",
+        "scales": {"smoke": {"workloads": {"llama": entry}}},
+    }
+    path = tmp_path / "zero_shot.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_compare_study_exports_downstream_table(tmp_path, capsys):
+    benchmarks = write_downstream_files(tmp_path / "benchmarks", 6)
+    path = _write_study(
+        tmp_path, {"tasks": list(TASK_NAMES), "dir": str(benchmarks), "max_examples": 5}
+    )
+    workspace = tmp_path / "ws"
+    run = ["run", path, "--scale", "smoke", "--workspace", str(workspace)]
+
+    assert main([*run, "--data-cache", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+
+    trials = optuna_trials(workspace, "zero_shot")
+    assert len(trials) == 2
+    for trial in trials:
+        results = trial.user_attrs["downstream"]
+        assert sorted(results) == sorted(TASK_NAMES)
+        assert all(results[task]["examples"] == 5 for task in TASK_NAMES)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    for child in child_runs(workspace, "zero_shot"):
+        metrics = child.data.metrics
+        assert 0 <= metrics["downstream/hellaswag/acc_norm"] <= 1
+        history = client.get_metric_history(child.info.run_id, "downstream/average")
+        assert [point.step for point in history] == [6]
+        assert child.data.params["downstream.max_examples"] == "5"
+    assert "## Zero-shot downstream accuracy" in printed
+    assert "| ARC-E | ARC-C | PIQA | HellaSwag | OBQA | WinoGrande | Avg." in printed
+
+    export = ["export-table", path, "--scale", "smoke", "--workspace", str(workspace)]
+    assert main(export) == 0
+    (table,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.csv")
+    rows = list(csv.DictReader(table.open()))
+    by_variant = {row["variant"]: row for row in rows}
+    assert sorted(by_variant) == ["Adam", "AdamPower"]
+    for trial in trials:
+        variant = "Adam" if trial.params["power"] == 1.0 else "AdamPower"
+        recorded = trial.user_attrs["downstream"]
+        for task in TASK_NAMES:
+            exported = float(by_variant[variant][f"{task}/acc"])
+            assert exported == pytest.approx(recorded[task]["acc"])
+    (latex,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.tex")
+    assert "Examples per task: ARC-E 5" in latex.read_text()
+
+
+def test_missing_benchmark_file_stops_early(tmp_path, capsys):
+    benchmarks = write_downstream_files(tmp_path / "benchmarks", 3, ["piqa"])
+    path = _write_study(
+        tmp_path, {"tasks": ["piqa", "winogrande"], "dir": str(benchmarks)}
+    )
+    workspace = tmp_path / "ws"
+    run = ["run", path, "--scale", "smoke", "--workspace", str(workspace)]
+
+    assert main([*run, "--data-cache", str(tmp_path / "cache")]) != 0
+
+    error = capsys.readouterr().err
+    assert "downstream task winogrande: no winogrande.jsonl" in error
+    # Nothing was recorded, so the workspace that the run created is gone.
+    assert not workspace.exists()
+
+
+def test_vision_entry_rejects_downstream(tmp_path):
+    spec = {
+        "name": "vision_downstream",
+        "analysis": "compare",
+        "scales": {
+            "smoke": {
+                "workloads": {
+                    "resnet": {
+                        "workload": "vision",
+                        "model": {"preset": "tiny"},
+                        "grid": {"batch_size": [8], "power": [1.0], "lr_max": [0.01]},
+                        "budget": {"steps": 2},
+                        "downstream": {"tasks": ["piqa"]},
+                    }
+                }
+            }
+        },
+    }
+    path = tmp_path / "vision_downstream.yaml"
+    path.write_text(json.dumps(spec))
+
+    with pytest.raises(StudyFileError) as caught:
+        load_study(str(path))
+    message = str(caught.value)
+    assert "downstream evaluation scores language models" in message
+    assert "resnet" in message
+
+
+def test_unknown_task_lists_choices(tmp_path):
+    path = _write_study(tmp_path, {"tasks": ["arc_easy", "mmlu"]})
+
+    with pytest.raises(StudyFileError) as caught:
+        load_study(path)
+    assert "mmlu" in str(caught.value)
+    assert "arc_challenge" in str(caught.value)

@@ -1,0 +1,529 @@
+"""Zero-shot multiple-choice evaluation of a trained language model (Table 1 of
+the GradPower paper).
+
+Each task turns one benchmark record into requests, pairs of a context and a
+continuation, one per answer choice. The model scores a request by the summed
+log-probability of the continuation's tokens given the context, and picks the
+choice with the highest score:
+
+- ``acc``: the choice with the highest summed log-probability is the gold one;
+- ``acc_norm``: the same after dividing each score by the continuation's
+  length in characters, which removes the bias towards short answers.
+
+The prompts follow the zero-shot formats of the lm-evaluation-harness, which
+the paper used: ``Question: ...\\nAnswer:`` for ARC and PIQA, the question stem
+alone for OpenBookQA, the cleaned activity and context for HellaSwag, and
+partial scoring for WinoGrande (each option fills the blank in the context and
+the rest of the sentence is the scored continuation).
+
+Benchmarks load through `datasets`: from the Hugging Face hub, or from a local
+folder that holds ``<task>.jsonl`` (or ``.json``, ``.parquet``) files with the
+hub datasets' fields. `prepare_downstream` tokenizes every request once per
+(benchmark files, tokenizer) and caches the token ids, so trials only read
+arrays and never load a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.data.errors import DataUnavailableError, one_line
+from trainers.data.text import build_once, file_stats
+from trainers.tables import DOWNSTREAM_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+# Bump when the request format or the cached arrays change.
+DOWNSTREAM_FORMAT_VERSION = 1
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One benchmark question as scored requests: one (context, continuation)
+    per answer choice, and the index of the correct choice."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hub_path: str
+    hub_config: str | None
+    split: str
+    fields: tuple[str, ...]
+    """Field names that every record must contain."""
+    build: Callable[[dict[str, Any]], Example]
+
+
+def _choice_index(labels: list[Any], answer: Any) -> int:
+    labels = [str(label) for label in labels]
+    if str(answer) not in labels:
+        raise ValueError(
+            f"answerKey {answer!r} is not one of the choice labels {labels}"
+        )
+    return labels.index(str(answer))
+
+
+def _question_answer(record: dict[str, Any]) -> Example:
+    """ARC: the question in a Question/Answer frame, each choice's text after it."""
+    choices = record["choices"]
+    context = f"Question: {record['question']}\nAnswer:"
+    texts = tuple(f" {text}" for text in choices["text"])
+    gold = _choice_index(choices["label"], record["answerKey"])
+    return Example((context,) * len(texts), texts, gold)
+
+
+def _piqa(record: dict[str, Any]) -> Example:
+    context = f"Question: {record['goal']}\nAnswer:"
+    texts = (f" {record['sol1']}", f" {record['sol2']}")
+    return Example((context, context), texts, int(record["label"]))
+
+
+def _openbookqa(record: dict[str, Any]) -> Example:
+    choices = record["choices"]
+    texts = tuple(f" {text}" for text in choices["text"])
+    gold = _choice_index(choices["label"], record["answerKey"])
+    return Example((record["question_stem"],) * len(texts), texts, gold)
+
+
+_BRACKETED = re.compile(r"\[.*?\]")
+
+
+def _clean_hellaswag(text: str) -> str:
+    """Remove the WikiHow markup of HellaSwag text: ' [title]' ends a sentence,
+    other bracketed tags are dropped, and double spaces become single."""
+    text = text.strip().replace(" [title]", ". ")
+    return _BRACKETED.sub("", text).replace("  ", " ")
+
+
+def _hellaswag(record: dict[str, Any]) -> Example:
+    context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+    query = _clean_hellaswag(f"{record['activity_label']}: {context}")
+    texts = tuple(" " + _clean_hellaswag(ending) for ending in record["endings"])
+    return Example((query,) * len(texts), texts, int(record["label"]))
+
+
+def _winogrande(record: dict[str, Any]) -> Example:
+    """Partial scoring: each option fills the blank, and the model scores the
+    part of the sentence after the blank, which is the same for both."""
+    sentence = record["sentence"]
+    if "_" not in sentence:
+        raise ValueError(f"sentence {sentence!r} has no blank '_'")
+    blank = sentence.index("_")
+    contexts = (
+        sentence[:blank] + record["option1"],
+        sentence[:blank] + record["option2"],
+    )
+    rest = " " + sentence[blank + 1 :].strip()
+    answers = {"1": 0, "2": 1}
+    if str(record["answer"]) not in answers:
+        raise ValueError(f"answer {record['answer']!r} is invalid; expected '1' or '2'")
+    return Example(contexts, (rest, rest), answers[str(record["answer"])])
+
+
+_ARC_FIELDS = ("question", "choices", "answerKey")
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            "arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", _ARC_FIELDS,
+            _question_answer,
+        ),
+        Task(
+            "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", _ARC_FIELDS,
+            _question_answer,
+        ),
+        Task(
+            "piqa", "ybisk/piqa", None, "validation",
+            ("goal", "sol1", "sol2", "label"), _piqa,
+        ),
+        Task(
+            "hellaswag", "Rowan/hellaswag", None, "validation",
+            ("activity_label", "ctx_a", "ctx_b", "endings", "label"), _hellaswag,
+        ),
+        Task(
+            "openbookqa", "allenai/openbookqa", "main", "test",
+            ("question_stem", "choices", "answerKey"), _openbookqa,
+        ),
+        Task(
+            "winogrande", "allenai/winogrande", "winogrande_xl", "validation",
+            ("sentence", "option1", "option2", "answer"), _winogrande,
+        ),
+    )
+}  # fmt: skip
+TASK_NAMES = tuple(TASKS)
+
+
+# Loading
+
+
+def local_file(directory: Path, task: str) -> Path | None:
+    """Return the first of ``<task>.jsonl``, ``.json`` or ``.parquet`` in
+    ``directory``, or None."""
+    for suffix in LOCAL_SUFFIXES:
+        path = directory / f"{task}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _expected_files(task: str) -> str:
+    return " or ".join(f"{task}{suffix}" for suffix in LOCAL_SUFFIXES)
+
+
+def _load_records(
+    task: Task, directory: Path | None, cache_dir: Path | None
+) -> tuple[Any, str]:
+    """Load the task's evaluation split with `datasets`; return it and where it
+    came from, for messages."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    cache = str(cache_dir) if cache_dir is not None else None
+
+    if directory is not None:
+        path = local_file(directory, task.name)
+        if path is None:
+            raise DataUnavailableError(
+                f"downstream task {task.name}: no {_expected_files(task.name)} in "
+                f"downstream.dir {str(directory)!r}. Add the file, with the fields of "
+                f"the hub dataset {task.hub_path} ({', '.join(task.fields)}), or "
+                "leave downstream.dir out to download the task from the hub."
+            )
+        try:
+            records = datasets.load_dataset(
+                _LOADERS[path.suffix],
+                data_files=str(path),
+                split="train",
+                cache_dir=cache,
+            )
+        except Exception as error:  # noqa: BLE001 - datasets raises several types
+            raise DataUnavailableError(
+                f"downstream task {task.name}: {path} cannot be read as "
+                f"{_LOADERS[path.suffix]} ({one_line(error)}). Write one record "
+                f"per line with the fields {', '.join(task.fields)}."
+            ) from None
+        return records, str(path)
+    where = f"{task.hub_path}" + (f" ({task.hub_config})" if task.hub_config else "")
+    try:
+        records = datasets.load_dataset(
+            task.hub_path, task.hub_config, split=task.split, cache_dir=cache
+        )
+    except Exception as error:  # noqa: BLE001 - offline, gated or renamed datasets
+        raise DataUnavailableError(
+            f"downstream task {task.name}: loading {where} split {task.split} from "
+            f"the Hugging Face hub failed ({one_line(error)}). Set downstream.dir to "
+            f"a folder with {_expected_files(task.name)} holding that split, or run "
+            "where huggingface.co is reachable."
+        ) from None
+    return records, f"{where} split {task.split}"
+
+
+def load_examples(
+    task_name: str,
+    directory: Path | None,
+    max_examples: int | None = None,
+    cache_dir: Path | None = None,
+) -> list[Example]:
+    """Read a task's records and build its examples; raise DataUnavailableError
+    that names the record and the field for a record that does not fit.
+
+    ``cache_dir`` is where `datasets` keeps its download and Arrow caches
+    (default: its own, under ~/.cache/huggingface).
+    """
+    task = TASKS[task_name]
+    records, where = _load_records(task, directory, cache_dir)
+    missing = [name for name in task.fields if name not in records.column_names]
+    if missing:
+        raise DataUnavailableError(
+            f"downstream task {task.name}: {where} has no field(s) {missing}; its "
+            f"records need {', '.join(task.fields)}, as in the hub dataset "
+            f"{task.hub_path}."
+        )
+    examples = []
+    for number, record in enumerate(records):
+        if max_examples is not None and number >= max_examples:
+            break
+        try:
+            example = task.build(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DataUnavailableError(
+                f"downstream task {task.name}: record {number + 1} of {where} does "
+                f"not fit ({one_line(error)}); its fields must be as in the hub "
+                f"dataset {task.hub_path}."
+            ) from None
+        if not 0 <= example.gold < len(example.continuations):
+            raise DataUnavailableError(
+                f"downstream task {task.name}: record {number + 1} of {where} has "
+                f"answer index {example.gold} for {len(example.continuations)} "
+                "choices."
+            )
+        examples.append(example)
+    if not examples:
+        raise DataUnavailableError(
+            f"downstream task {task.name}: {where} contains no records. Point "
+            "downstream.dir at the task's evaluation split."
+        )
+    return examples
+
+
+# Tokenized requests
+
+
+@dataclass
+class TaskRequests:
+    """A task's requests as token ids: request r is ``tokens[offsets[r]:
+    offsets[r + 1]]``, whose last ``continuation_len[r]`` tokens are scored."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    continuation_len: np.ndarray
+    continuation_chars: np.ndarray
+    example: np.ndarray
+    """Index of the example each request belongs to."""
+    gold: np.ndarray
+    """Correct choice per example, counted within the example's requests."""
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, **vars(self))
+
+    @classmethod
+    def load(cls, path: Path) -> TaskRequests:
+        with np.load(path) as arrays:
+            return cls(**{name: arrays[name] for name in arrays.files})
+
+    @property
+    def requests(self) -> int:
+        return len(self.continuation_len)
+
+
+def tokenize_examples(
+    examples: list[Example],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    eos_id: int,
+) -> TaskRequests:
+    """Tokenize each request as the harness does: the continuation's tokens are
+    the tokens of context + continuation after those of the context alone, so
+    that a merge across the boundary is encoded as in running text. Spaces at
+    the end of a context move to its continuation, and an empty context
+    becomes the EOS token."""
+    contexts, continuations, example_of = [], [], []
+    for index, example in enumerate(examples):
+        for context, continuation in zip(
+            example.contexts, example.continuations, strict=True
+        ):
+            trailing = len(context) - len(context.rstrip(" "))
+            if trailing:
+                continuation = context[-trailing:] + continuation
+                context = context[:-trailing]
+            contexts.append(context)
+            continuations.append(continuation)
+            example_of.append(index)
+
+    context_ids = encode_batch(contexts)
+    whole_ids = encode_batch([c + x for c, x in zip(contexts, continuations)])
+    pieces, lengths = [], []
+    for context, ids, whole in zip(contexts, context_ids, whole_ids):
+        continuation_ids = whole[len(ids) :]
+        if not context:
+            ids = [eos_id]
+        pieces.append(np.asarray([*ids, *continuation_ids], dtype=np.int64))
+        lengths.append(len(continuation_ids))
+
+    if min(lengths) < 1:
+        raise DataUnavailableError(
+            "a downstream request has a continuation that encodes to no tokens; "
+            "check that every answer choice has text."
+        )
+
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(piece) for piece in pieces], out=offsets[1:])
+    return TaskRequests(
+        tokens=np.concatenate(pieces),
+        offsets=offsets,
+        continuation_len=np.asarray(lengths, dtype=np.int64),
+        continuation_chars=np.asarray([len(x) for x in continuations], dtype=np.int64),
+        example=np.asarray(example_of, dtype=np.int64),
+        gold=np.asarray([example.gold for example in examples], dtype=np.int64),
+    )
+
+
+def _cache_key(
+    tasks: list[str],
+    directory: Path | None,
+    max_examples: int | None,
+    tokenizer_id: str,
+) -> str:
+    sources: dict[str, object] = {}
+    for name in tasks:
+        task = TASKS[name]
+        if directory is None:
+            sources[name] = [task.hub_path, task.hub_config, task.split]
+        else:
+            path = local_file(directory, name)
+            sources[name] = file_stats([path]) if path else None
+    payload = {
+        "version": DOWNSTREAM_FORMAT_VERSION,
+        "sources": sources,
+        "max_examples": max_examples,
+        "tokenizer": tokenizer_id,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_downstream(
+    settings: dict[str, Any],
+    cache_root: Path,
+    tokenizer_id: str,
+    load_encoder: Callable[[], tuple[Callable[[list[str]], list[list[int]]], int]],
+) -> Path:
+    """Tokenize the requests of ``settings["tasks"]`` once and return their folder.
+
+    ``settings`` contains ``tasks``, ``dir`` (None for the hub) and
+    ``max_examples``. ``tokenizer_id`` names the tokenizer in the cache key (the
+    token-shard folder, whose name covers source and tokenizer), and
+    ``load_encoder`` returns ``(encode_batch, eos_id)`` when a build is needed.
+    The folder is built as the token shards are (`build_once`).
+    """
+    tasks = list(settings["tasks"])
+    directory = settings.get("dir")
+    directory = Path(directory).expanduser().absolute() if directory else None
+    if directory is not None and not directory.is_dir():
+        raise DataUnavailableError(
+            f"downstream.dir {str(directory)!r} is not a folder. Set it to the "
+            f"folder that holds {', '.join(t + '.jsonl' for t in tasks)}, or leave "
+            "it out to download the tasks from the hub."
+        )
+    max_examples = settings.get("max_examples")
+    root = Path(cache_root).absolute() / "downstream"
+    root.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(tasks, directory, max_examples, tokenizer_id)
+    target = root / f"{'-'.join(sorted(tasks))[:60]}-{key[:20]}"
+
+    def build(folder: Path) -> None:
+        encode_batch, eos_id = load_encoder()
+        counts = {}
+        for name in tasks:
+            examples = load_examples(
+                name, directory, max_examples, cache_dir=root / "hf-datasets"
+            )
+            requests = tokenize_examples(examples, encode_batch, eos_id)
+            requests.save(folder / f"{name}.npz")
+            counts[name] = len(examples)
+            logger.info(
+                "downstream %s: %d examples, %d requests",
+                name,
+                len(examples),
+                requests.requests,
+            )
+        meta = {"version": DOWNSTREAM_FORMAT_VERSION, "examples": counts}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    build_once(target, build, "downstream requests")
+    return target
+
+
+# Scoring
+
+
+def _windows(
+    requests: TaskRequests, seq_len: int
+) -> Iterator[tuple[int, list[int], int]]:
+    """Yield (request, input ids, scored positions) with each request cut from
+    the left to ``seq_len`` input tokens, the model's trained context."""
+    for index in range(requests.requests):
+        ids = requests.tokens[requests.offsets[index] : requests.offsets[index + 1]]
+        ids = ids[-(seq_len + 1) :]
+        scored = min(int(requests.continuation_len[index]), len(ids) - 1)
+        yield index, ids.tolist(), scored
+
+
+@torch.no_grad()
+def request_log_likelihoods(
+    model: nn.Module,
+    requests: TaskRequests,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Summed log-probability of each request's continuation, in nats.
+
+    Requests run in batches of similar length, padded on the right; a causal
+    model's predictions at real positions do not see the padding after them.
+    """
+    windows = sorted(_windows(requests, seq_len), key=lambda item: -len(item[1]))
+    scores = np.zeros(requests.requests, dtype=np.float64)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = len(chunk[0][1]) - 1
+        inputs = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, ids, _) in enumerate(chunk):
+            inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
+        logits = model(input_ids=inputs.to(device)).logits
+        for row, (index, ids, scored) in enumerate(chunk):
+            end = len(ids) - 1
+            rows = logits[row, end - scored : end].float()
+            targets = torch.as_tensor(ids[end - scored + 1 :], device=device)
+            log_probs = F.log_softmax(rows, dim=-1)
+            scores[index] = log_probs.gather(1, targets[:, None]).sum().item()
+    return scores
+
+
+def task_accuracy(requests: TaskRequests, scores: np.ndarray) -> dict[str, float]:
+    """Return acc and acc_norm over the task's examples; ties go to the first
+    choice."""
+    correct = {"acc": 0, "acc_norm": 0}
+    normalized = scores / np.maximum(requests.continuation_chars, 1)
+    boundaries = np.flatnonzero(np.diff(requests.example)) + 1
+    for index, (raw, norm) in enumerate(
+        zip(np.split(scores, boundaries), np.split(normalized, boundaries), strict=True)
+    ):
+        gold = requests.gold[index]
+        correct["acc"] += int(np.argmax(raw) == gold)
+        correct["acc_norm"] += int(np.argmax(norm) == gold)
+    examples = len(requests.gold)
+    return {name: count / examples for name, count in correct.items()}
+
+
+def evaluate_downstream(
+    model: nn.Module,
+    directory: Path,
+    tasks: list[str],
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Score every task in ``directory`` and return metrics keyed
+    ``downstream/<task>/acc``, ``downstream/<task>/acc_norm`` and
+    ``downstream/<task>/examples``, and ``downstream/average``: the mean over
+    the tasks of the metric each task's table column shows."""
+    metrics: dict[str, float] = {}
+    table_values = []
+    for name in tasks:
+        requests = TaskRequests.load(Path(directory) / f"{name}.npz")
+        scores = request_log_likelihoods(model, requests, seq_len, batch_size, device)
+        accuracy = task_accuracy(requests, scores)
+        for metric, value in accuracy.items():
+            metrics[f"downstream/{name}/{metric}"] = value
+        metrics[f"downstream/{name}/examples"] = float(len(requests.gold))
+        table_values.append(accuracy[DOWNSTREAM_COLUMNS[name][1]])
+    metrics["downstream/average"] = float(np.mean(table_values))
+    return metrics
