@@ -191,19 +191,26 @@ def downstream_frame(analysis: CompareAnalysis, bold=str) -> pd.DataFrame:
 
 
 def downstream_footnote(analysis: CompareAnalysis) -> str:
-    """Say what the downstream table's cells are and how many examples each
-    task scored."""
+    """Say what the downstream table's cells are, how many examples each task
+    scored and the binomial standard error that this count allows."""
     table = analysis.downstream
     normalized = [
         title
         for task, (title, metric) in DOWNSTREAM_COLUMNS.items()
         if metric == "acc_norm" and f"{task}/{metric}" in table.columns
     ]
-    examples = [
-        f"{title} {int(table[f'{task}/examples'].max())}"
-        for task, (title, _) in DOWNSTREAM_COLUMNS.items()
-        if f"{task}/examples" in table.columns
-    ]
+    examples = []
+    errors = []
+    for task, (title, metric) in DOWNSTREAM_COLUMNS.items():
+        if f"{task}/examples" not in table.columns:
+            continue
+        count = int(table[f"{task}/examples"].max())
+        examples.append(f"{title} {count}")
+        # The binomial standard error of one accuracy over `count` examples, at
+        # the task's mean accuracy in the table.
+        accuracy = float(table[f"{task}/{metric}"].mean())
+        error = math.sqrt(accuracy * (1 - accuracy) / max(count - 1, 1))
+        errors.append(f"{title} {100 * error:.2f}")
     text = (
         "Zero-shot accuracy in percent on the final weights, mean over the seeds "
         "at the variant's best lr_max; each choice is scored by the summed "
@@ -214,6 +221,10 @@ def downstream_footnote(analysis: CompareAnalysis) -> str:
     text += ". Avg.: mean of the task columns. Bold: the best of each column."
     if examples:
         text += f" Examples per task: {', '.join(examples)}."
+        text += (
+            " Standard error of one seed's accuracy (binomial, in points): "
+            f"{', '.join(errors)}."
+        )
     return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import yaml
@@ -78,7 +79,13 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
             exported = float(by_variant[variant][f"{task}/acc"])
             assert exported == pytest.approx(recorded[task]["acc"])
     (latex,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.tex")
-    assert "Examples per task: ARC-E 5" in latex.read_text()
+    caption = latex.read_text()
+    assert "Examples per task: ARC-E 5" in caption
+    # PIQA's table column is acc: its binomial error over 5 examples.
+    piqa = sum(float(row["piqa/acc"]) for row in rows) / len(rows)
+    error = 100 * math.sqrt(piqa * (1 - piqa) / 4)
+    assert "(binomial, in points): ARC-E" in caption
+    assert f"PIQA {error:.2f}" in caption
 
 
 def test_missing_benchmark_file_stops_early(tmp_path, capsys):
