@@ -468,6 +468,7 @@ def request_log_likelihoods(
 
     Requests run in batches of similar length, padded on the right; a causal
     model's predictions at real positions do not see the padding after them.
+    Each batch copies its scores back to the host once.
     """
     windows = sorted(_windows(requests, seq_len), key=lambda item: -len(item[1]))
     scores = np.zeros(requests.requests, dtype=np.float64)
@@ -475,15 +476,26 @@ def request_log_likelihoods(
         chunk = windows[start : start + batch_size]
         width = len(chunk[0][1]) - 1
         inputs = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(chunk):
-            inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
-        logits = model(input_ids=inputs.to(device)).logits
-        for row, (index, ids, scored) in enumerate(chunk):
+        # Every scored token of the chunk: its row (the request it belongs to),
+        # the position that predicts it and the token itself.
+        rows, positions, targets = [], [], []
+        for row, (_, ids, scored) in enumerate(chunk):
             end = len(ids) - 1
-            rows = logits[row, end - scored : end].float()
-            targets = torch.as_tensor(ids[end - scored + 1 :], device=device)
-            log_probs = F.log_softmax(rows, dim=-1)
-            scores[index] = log_probs.gather(1, targets[:, None]).sum().item()
+            inputs[row, :end] = torch.as_tensor(ids[:-1])
+            rows += [row] * scored
+            positions += range(end - scored, end)
+            targets += ids[end - scored + 1 :]
+        logits = model(input_ids=inputs.to(device)).logits
+        row_index = torch.as_tensor(rows, device=device)
+        position_index = torch.as_tensor(positions, device=device)
+        picked = logits[row_index, position_index].float()
+        log_probs = F.log_softmax(picked, dim=-1)
+        target_index = torch.as_tensor(targets, device=device)
+        token_scores = log_probs.gather(1, target_index[:, None])[:, 0]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+        sums.index_add_(0, row_index, token_scores.double())
+        indices = [index for index, _, _ in chunk]
+        scores[indices] = sums.cpu().numpy()
     return scores
 
 
