@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_checks.sh [OUTPUT_DIR]
 # OUTPUT_DIR (default gpu_checks) receives one log per check and the JSON of
 # gpu_throughput.py. The checks, in order of cost:
-#   1. the CUDA tests of the compiled AdamPower step (tests/trainers);
+#   1. the CUDA tests of the compiled AdamPower step and of downstream scoring
+#      (tests/trainers);
 #   2. benchmarks/power_step.py --device cuda at 20M and 200M float32 parameters;
 #   3. benchmarks/gpu_throughput.py (LLaMA-0.2B 200 steps, ResNet-34 one epoch).
 # A failing check does not stop the later ones; the exit status is that of the
@@ -37,7 +38,8 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$python" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
 
-run_check cuda_tests "$python" -m pytest -q -rs tests/trainers/test_compiled_step.py
+run_check cuda_tests "$python" -m pytest -q -rs tests/trainers/test_compiled_step.py \
+    tests/trainers/test_downstream.py
 run_check power_step_20m "$python" benchmarks/power_step.py --device cuda
 run_check power_step_200m "$python" benchmarks/power_step.py --device cuda \
     --params-millions 200

@@ -350,3 +350,17 @@ def test_offline_hub_error_names_local_fix(tmp_path, monkeypatch):
     message = str(caught.value)
     assert "allenai/openbookqa (main) split test" in message
     assert "Set downstream.dir to a folder with openbookqa.jsonl" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_equal_cpu_scores(bpe):
+    torch.manual_seed(0)
+    model = build_llama("tiny", vocab_size=320, seq_len=128).eval()
+    requests = TaskRequests.load(bpe["requests"] / "winogrande.npz")
+    cuda = torch.device("cuda")
+
+    with torch.no_grad():
+        on_cpu = request_log_likelihoods(model, requests, 128, 4, CPU)
+        on_cuda = request_log_likelihoods(model.to(cuda), requests, 128, 4, cuda)
+
+    np.testing.assert_allclose(on_cuda, on_cpu, rtol=1e-3, atol=1e-3)
