@@ -7,8 +7,9 @@ log-probability of the continuation's tokens given the context, and picks the
 choice with the highest score:
 
 - ``acc``: the choice with the highest summed log-probability is the gold one;
-- ``acc_norm``: the same after dividing each score by the continuation's
-  length in characters, which removes the bias towards short answers.
+- ``acc_norm``: the same after dividing each score by the answer text's
+  length in characters (without the space that joins it to the context),
+  which removes the bias towards short answers.
 
 The prompts follow the zero-shot formats of the lm-evaluation-harness, which
 the paper used: ``Question: ...\\nAnswer:`` for ARC and PIQA, the question stem
@@ -21,6 +22,11 @@ folder that holds ``<task>.jsonl`` (or ``.json``, ``.parquet``) files with the
 hub datasets' fields. `prepare_downstream` tokenizes every request once per
 (benchmark files, tokenizer) and caches the token ids, so trials only read
 arrays and never load a tokenizer.
+
+Requests are encoded without special tokens, as the training documents are:
+packed and separated by EOS, with no BOS. The harness encodes with the
+tokenizer's default special tokens, which adds a BOS for tokenizers that have
+one (not T5's, GPT-2's or the trained BPE).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ logger = logging.getLogger(__name__)
 # Bump when the request format or the cached arrays change.
 DOWNSTREAM_FORMAT_VERSION = 1
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The harness joins the context and each answer text with this delimiter, and
+# acc_norm divides by the length of the answer text alone.
+TARGET_DELIMITER = " "
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -73,32 +82,33 @@ class Task:
 
 
 def _choice_index(labels: list[Any], answer: Any) -> int:
-    labels = [str(label) for label in labels]
-    if str(answer) not in labels:
+    labels = [str(label).strip() for label in labels]
+    answer = str(answer).strip()
+    if answer not in labels:
         raise ValueError(
             f"answerKey {answer!r} is not one of the choice labels {labels}"
         )
-    return labels.index(str(answer))
+    return labels.index(answer)
 
 
 def _question_answer(record: dict[str, Any]) -> Example:
     """ARC: the question in a Question/Answer frame, each choice's text after it."""
     choices = record["choices"]
     context = f"Question: {record['question']}\nAnswer:"
-    texts = tuple(f" {text}" for text in choices["text"])
+    texts = tuple(TARGET_DELIMITER + text for text in choices["text"])
     gold = _choice_index(choices["label"], record["answerKey"])
     return Example((context,) * len(texts), texts, gold)
 
 
 def _piqa(record: dict[str, Any]) -> Example:
     context = f"Question: {record['goal']}\nAnswer:"
-    texts = (f" {record['sol1']}", f" {record['sol2']}")
+    texts = (TARGET_DELIMITER + record["sol1"], TARGET_DELIMITER + record["sol2"])
     return Example((context, context), texts, int(record["label"]))
 
 
 def _openbookqa(record: dict[str, Any]) -> Example:
     choices = record["choices"]
-    texts = tuple(f" {text}" for text in choices["text"])
+    texts = tuple(TARGET_DELIMITER + text for text in choices["text"])
     gold = _choice_index(choices["label"], record["answerKey"])
     return Example((record["question_stem"],) * len(texts), texts, gold)
 
@@ -116,7 +126,9 @@ def _clean_hellaswag(text: str) -> str:
 def _hellaswag(record: dict[str, Any]) -> Example:
     context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
     query = _clean_hellaswag(f"{record['activity_label']}: {context}")
-    texts = tuple(" " + _clean_hellaswag(ending) for ending in record["endings"])
+    texts = tuple(
+        TARGET_DELIMITER + _clean_hellaswag(ending) for ending in record["endings"]
+    )
     return Example((query,) * len(texts), texts, int(record["label"]))
 
 
@@ -131,7 +143,7 @@ def _winogrande(record: dict[str, Any]) -> Example:
         sentence[:blank] + record["option1"],
         sentence[:blank] + record["option2"],
     )
-    rest = " " + sentence[blank + 1 :].strip()
+    rest = TARGET_DELIMITER + sentence[blank + 1 :].strip()
     answers = {"1": 0, "2": 1}
     if str(record["answer"]) not in answers:
         raise ValueError(f"answer {record['answer']!r} is invalid; expected '1' or '2'")
@@ -151,7 +163,7 @@ TASKS: dict[str, Task] = {
             _question_answer,
         ),
         Task(
-            "piqa", "ybisk/piqa", None, "validation",
+            "piqa", "baber/piqa", None, "validation",
             ("goal", "sol1", "sol2", "label"), _piqa,
         ),
         Task(
@@ -296,6 +308,7 @@ class TaskRequests:
     offsets: np.ndarray
     continuation_len: np.ndarray
     continuation_chars: np.ndarray
+    """Characters of each request's answer text, the divisor of acc_norm."""
     example: np.ndarray
     """Index of the example each request belongs to."""
     gold: np.ndarray
@@ -322,15 +335,16 @@ def tokenize_examples(
 ) -> TaskRequests:
     """Tokenize each request as the harness does: the continuation's tokens are
     the tokens of context + continuation after those of the context alone, so
-    that a merge across the boundary is encoded as in running text. Spaces at
-    the end of a context move to its continuation, and an empty context
+    that a merge across the boundary is encoded as in running text. Whitespace
+    at the end of a context moves to its continuation, and an empty context
     becomes the EOS token."""
-    contexts, continuations, example_of = [], [], []
+    contexts, continuations, example_of, characters = [], [], [], []
     for index, example in enumerate(examples):
         for context, continuation in zip(
             example.contexts, example.continuations, strict=True
         ):
-            trailing = len(context) - len(context.rstrip(" "))
+            characters.append(len(continuation.removeprefix(TARGET_DELIMITER)))
+            trailing = len(context) - len(context.rstrip())
             if trailing:
                 continuation = context[-trailing:] + continuation
                 context = context[:-trailing]
@@ -360,7 +374,7 @@ def tokenize_examples(
         tokens=np.concatenate(pieces),
         offsets=offsets,
         continuation_len=np.asarray(lengths, dtype=np.int64),
-        continuation_chars=np.asarray([len(x) for x in continuations], dtype=np.int64),
+        continuation_chars=np.asarray(characters, dtype=np.int64),
         example=np.asarray(example_of, dtype=np.int64),
         gold=np.asarray([example.gold for example in examples], dtype=np.int64),
     )

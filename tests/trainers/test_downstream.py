@@ -129,21 +129,25 @@ def test_continuation_tokens_are_the_whole_minus_the_context(bpe):
     assert requests.gold.tolist() == [e.gold for e in examples]
 
 
-def test_trailing_context_spaces_move_to_the_continuation():
+def test_trailing_context_whitespace_moves_to_continuation():
     seen = []
 
     def encode(texts):
         seen.append(list(texts))
         return [[ord(c) for c in text] for text in texts]
 
-    example = Example(("ask  ", ""), ("x", "y"), 0)
+    example = Example(("ask \n", ""), (" x", "yz"), 0)
     requests = tokenize_examples([example], encode, 7)
 
     assert seen[0] == ["ask", ""]
-    assert requests.continuation_chars.tolist() == [3, 1]
+    assert seen[1] == ["ask \n x", "yz"]
+    # The continuation " \n x" is scored, four characters here.
+    assert requests.continuation_len.tolist() == [4, 2]
+    # acc_norm divides by the answer text without the joining space.
+    assert requests.continuation_chars.tolist() == [1, 2]
     # The empty context scores its continuation after the EOS token.
     second = requests.tokens[requests.offsets[1] : requests.offsets[2]].tolist()
-    assert second == [7, ord("y")]
+    assert second == [7, ord("y"), ord("z")]
 
 
 def _direct_log_likelihood(model, ids: list[int], scored: int, seq_len: int) -> float:
