@@ -11,11 +11,11 @@ choice with the highest score:
   length in characters (without the space that joins it to the context),
   which removes the bias towards short answers.
 
-The prompts follow the zero-shot formats of the lm-evaluation-harness, which
-the paper used: ``Question: ...\\nAnswer:`` for ARC and PIQA, the question stem
-alone for OpenBookQA, the cleaned activity and context for HellaSwag, and
-partial scoring for WinoGrande (each option fills the blank in the context and
-the rest of the sentence is the scored continuation).
+The prompts follow the zero-shot formats of EleutherAI's lm-evaluation-harness,
+which the GradPower paper used: ``Question: ...\\nAnswer:`` for ARC and PIQA, the
+question stem alone for OpenBookQA, the cleaned activity and context for
+HellaSwag, and partial scoring for WinoGrande (each option fills the blank in
+the context and the rest of the sentence is the scored continuation).
 
 Benchmarks load through `datasets`: from the Hugging Face hub, or from a local
 folder that holds ``<task>.jsonl`` (or ``.json``, ``.parquet``) files with the
