@@ -185,7 +185,9 @@ def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> di
     }
     if state == "complete":
         for name, value in numeric_metrics(result).items():
-            summary[name.replace("/", "_")] = value
+            # Downstream accuracies are stored grouped by task, below.
+            if not name.startswith("downstream/"):
+                summary[name.replace("/", "_")] = value
     if state == "reached":
         summary["steps_to_target"] = int(result["target/steps"])
         summary[f"{unit}_to_target"] = int(result[f"target/{unit}"])

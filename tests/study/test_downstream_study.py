@@ -56,6 +56,7 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
         results = trial.user_attrs["downstream"]
         assert sorted(results) == sorted(TASK_NAMES)
         assert all(results[task]["examples"] == 5 for task in TASK_NAMES)
+        assert not [name for name in trial.user_attrs if name.startswith("downstream_")]
     client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     for child in child_runs(workspace, "zero_shot"):
         metrics = child.data.metrics
