@@ -182,8 +182,10 @@ class Progress:
     def _describe(
         self, plan: TrialPlan, state: str, result: dict[str, Any]
     ) -> tuple[str, str]:
-        if state == "complete" and "noise_ratio" in plan.params:
-            return self._toy_detail(plan, result)
+        if "noise_ratio" in plan.params:
+            if state == "complete":
+                return self._toy_detail(plan, result)
+            return f"{state}", "not counted in the best p"
         if state == "complete":
             return self._final_loss_detail(plan, result)
         return self._training_detail(plan, state, result)
@@ -222,6 +224,9 @@ class Progress:
         best = self.best.get(best_key)
         if best is None:
             return detail, "at this batch size no trial reached the target"
+        if not isinstance(best[0], tuple):
+            # A compare study ranks complete trials by their final loss.
+            return detail, self._lowest_loss_text(plan, best)
         return detail, f"at this batch size best p={best[1]:g} ({best[0][0]} steps)"
 
     def _final_loss_detail(
@@ -232,13 +237,16 @@ class Progress:
         best_key = (plan.label, params["batch_size"])
         if best_key not in self.best or loss < self.best[best_key][0]:
             self.best[best_key] = (loss, params["power"], params["lr_max"])
-        best_loss, best_power, best_lr = self.best[best_key]
         detail = f"final val/loss {loss:.4f} after {result.get('step', '?')} steps"
-        best_text = (
+        return detail, self._lowest_loss_text(plan, self.best[best_key])
+
+    @staticmethod
+    def _lowest_loss_text(plan: TrialPlan, best: tuple) -> str:
+        best_loss, best_power, best_lr = best
+        return (
             f"in {plan.label} at this batch size lowest {best_loss:.4f} "
             f"(p={best_power:g}, lr_max={best_lr:g})"
         )
-        return detail, best_text
 
     def _toy_detail(self, plan: TrialPlan, result: dict[str, Any]) -> tuple[str, str]:
         params = plan.params

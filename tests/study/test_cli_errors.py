@@ -313,6 +313,26 @@ def test_failed_trials_exit_nonzero(tmp_path, local_ray, capsys, caplog):
     assert _trial_keys(trials[second_id]) == BOTH_KEYS
 
 
+def test_compare_study_failed_trial_after_complete(tmp_path, local_ray, capsys):
+    # The baseline trial finishes first, so the failed trial's progress line
+    # reads a best final loss, not a best step count.
+    name = "failing_compare"
+    fault = {"error_at_step": STEPS - 1, "only": {"power": 1.2}}
+    path = _write_two_trials(tmp_path, name, fault_injection=fault)
+    spec = yaml.safe_load(path.read_text())
+    spec["analysis"] = "compare"
+    spec["scales"][SCALE]["max_concurrent_trials"] = 1
+    del spec["scales"][SCALE]["workloads"]["lm"]["target"]
+    path.write_text(yaml.safe_dump(spec))
+
+    code = main(_run_args(tmp_path / "ws", study=str(path)))
+
+    output = capsys.readouterr()
+    assert code == EXIT_TRIALS_FAILED, output.err[-3000:]
+    assert "1 complete, 1 failed" in output.out
+    assert "Traceback" not in output.err
+
+
 @pytest.mark.parametrize(
     ("fault", "expected"),
     [
