@@ -540,7 +540,9 @@ def _build_downstream(cells: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame
             for name in ("acc", "acc_norm"):
                 values = [float(result[task].get(name, math.nan)) for result in results]
                 row[f"{task}/{name}"] = float(np.mean(values))
-            row[f"{task}/examples"] = results[0][task].get("examples", math.nan)
+            for name in ("examples", "cut"):
+                values = [float(result[task].get(name, math.nan)) for result in results]
+                row[f"{task}/{name}"] = max(values)
             table_values.append(row[f"{task}/{metric}"])
         row["average"] = float(np.mean(table_values)) if table_values else math.nan
         rows.append(row)

@@ -201,11 +201,15 @@ def downstream_footnote(analysis: CompareAnalysis) -> str:
     ]
     examples = []
     errors = []
+    cut = []
     for task, (title, metric) in DOWNSTREAM_COLUMNS.items():
         if f"{task}/examples" not in table.columns:
             continue
         count = int(table[f"{task}/examples"].max())
         examples.append(f"{title} {count}")
+        cut_requests = table[f"{task}/cut"].max()
+        if cut_requests > 0:
+            cut.append(f"{title} {int(cut_requests)}")
         # The binomial standard error of one accuracy over `count` examples, at
         # the task's mean accuracy in the table.
         accuracy = float(table[f"{task}/{metric}"].mean())
@@ -224,6 +228,11 @@ def downstream_footnote(analysis: CompareAnalysis) -> str:
         text += (
             " Standard error of one seed's accuracy (binomial, in points): "
             f"{', '.join(errors)}."
+        )
+    if cut:
+        text += (
+            " Requests longer than the model's context, scored without the start "
+            f"of their context: {', '.join(cut)}."
         )
     return text
 
@@ -436,7 +445,13 @@ def export_compare(
         paths["csv"] = directory / f"{stem}-gaps.csv"
         analysis.gaps.to_csv(paths["csv"], index=False)
         paths["trials_csv"] = directory / f"{stem}-trials.csv"
-        analysis.trials.to_csv(paths["trials_csv"], index=False)
+        trials = analysis.trials.copy()
+        # JSON like the model and data columns, rather than Python's repr.
+        trials["downstream"] = [
+            json.dumps(value, sort_keys=True) if isinstance(value, dict) else ""
+            for value in trials.downstream
+        ]
+        trials.to_csv(paths["trials_csv"], index=False)
 
     caption = (
         f"{_title(analysis)}: final validation loss, median over seeds at the "
@@ -557,8 +572,8 @@ def _metric_segment(text: str) -> str:
 
 def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, float]:
     """Return the headline numbers of an analysis as MLflow metric names and values,
-    for the run's parent run: gaps, best powers and fitted exponents of a
-    comparison, or the best lr_max of each (label, batch size) of a tuning run."""
+    for the run's parent run: gaps, best powers, fitted exponents and average
+    downstream accuracies of a comparison, or the best lr_max of each (label, batch size) of a tuning run."""
     metrics: dict[str, float] = {}
     if isinstance(analysis, LrTuneAnalysis):
         for rate in analysis.best:
@@ -576,6 +591,11 @@ def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, flo
     for fit in analysis.fits:
         name = f"fit/{_metric_segment(fit.series)}/{_metric_segment(fit.variant)}"
         metrics[f"{name}/alpha"] = float(fit.alpha)
+    for row in analysis.downstream.itertuples():
+        where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
+        metrics[f"downstream/{where}/{_metric_segment(row.variant)}/average"] = float(
+            row.average
+        )
     return {name: value for name, value in metrics.items() if math.isfinite(value)}
 
 

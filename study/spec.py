@@ -612,6 +612,16 @@ class Downstream(Strict):
     max_examples: int | None = Field(default=None, ge=1)
     """Number of examples scored per task, counted from the first; None scores all."""
 
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "dir is empty; set it to the folder with the task files, or leave "
+                "it out to download the tasks from the Hugging Face hub"
+            )
+        return value
+
     @field_validator("tasks")
     @classmethod
     def _check_unique_tasks(cls, values: list[str]) -> list[str]:
@@ -899,6 +909,14 @@ class StudySpec(Strict):
                         "compares final losses after the whole budget, and a "
                         "target would stop trials early; remove the target",
                         (*where, "target"),
+                    )
+                if self.analysis != "compare" and entry.downstream is not None:
+                    raise SettingError(
+                        f"downstream is set, but the {self.analysis} analysis has "
+                        "no downstream table; set `analysis: compare`, which trains "
+                        "every trial for its whole budget and tabulates the "
+                        "accuracies, or remove downstream",
+                        (*where, "downstream"),
                     )
                 if self.analysis == "lr_tune" and entry.grid.power != [1.0]:
                     raise SettingError(

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.data.errors import DataUnavailableError, one_line
-from trainers.data.text import build_once, file_stats
+from trainers.data.text import build_once, json_object_line
 from trainers.tables import DOWNSTREAM_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -81,36 +82,73 @@ class Task:
     build: Callable[[dict[str, Any]], Example]
 
 
-def _choice_index(labels: list[Any], answer: Any) -> int:
+def _text(record: dict[str, Any], field: str) -> str:
+    value = record[field]
+    if not isinstance(value, str):
+        raise TypeError(f"field {field!r} is missing or not text (found {value!r})")
+    return value
+
+
+def _index(record: dict[str, Any], field: str, choices: int) -> int:
+    """Return the whole number in ``field``, an index into ``choices`` choices."""
+    value = record[field]
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    if isinstance(value, str) and value.strip().isdigit():
+        whole = True
+    if not whole or not 0 <= int(value) < choices:
+        raise ValueError(
+            f"field {field!r} is {value!r}; expected a whole number from 0 to "
+            f"{choices - 1}"
+        )
+    return int(value)
+
+
+def _labelled_choices(record: dict[str, Any]) -> tuple[list[str], int]:
+    """Return the texts of ``choices`` and the index of ``answerKey`` among its
+    labels (ARC, OpenBookQA)."""
+    choices = record["choices"]
+    texts = choices.get("text") if isinstance(choices, dict) else None
+    labels = choices.get("label") if isinstance(choices, dict) else None
+    if not isinstance(texts, list) or not isinstance(labels, list):
+        raise TypeError(
+            f"field 'choices' is {choices!r}; expected {{text: [...], label: [...]}}"
+        )
+    if len(texts) != len(labels):
+        raise ValueError(
+            f"field 'choices' has {len(texts)} texts and {len(labels)} labels; "
+            "expected one label per text"
+        )
+    if not all(isinstance(text, str) for text in texts):
+        raise TypeError(f"field 'choices' has texts that are not text: {texts!r}")
     labels = [str(label).strip() for label in labels]
-    answer = str(answer).strip()
+    answer = str(record["answerKey"]).strip()
     if answer not in labels:
         raise ValueError(
             f"answerKey {answer!r} is not one of the choice labels {labels}"
         )
-    return labels.index(answer)
+    return texts, labels.index(answer)
 
 
 def _question_answer(record: dict[str, Any]) -> Example:
     """ARC: the question in a Question/Answer frame, each choice's text after it."""
-    choices = record["choices"]
-    context = f"Question: {record['question']}\nAnswer:"
-    texts = tuple(TARGET_DELIMITER + text for text in choices["text"])
-    gold = _choice_index(choices["label"], record["answerKey"])
+    choices, gold = _labelled_choices(record)
+    context = f"Question: {_text(record, 'question')}\nAnswer:"
+    texts = tuple(TARGET_DELIMITER + text for text in choices)
     return Example((context,) * len(texts), texts, gold)
 
 
 def _piqa(record: dict[str, Any]) -> Example:
-    context = f"Question: {record['goal']}\nAnswer:"
-    texts = (TARGET_DELIMITER + record["sol1"], TARGET_DELIMITER + record["sol2"])
-    return Example((context, context), texts, int(record["label"]))
+    context = f"Question: {_text(record, 'goal')}\nAnswer:"
+    texts = tuple(TARGET_DELIMITER + _text(record, name) for name in ("sol1", "sol2"))
+    return Example((context, context), texts, _index(record, "label", 2))
 
 
 def _openbookqa(record: dict[str, Any]) -> Example:
-    choices = record["choices"]
-    texts = tuple(TARGET_DELIMITER + text for text in choices["text"])
-    gold = _choice_index(choices["label"], record["answerKey"])
-    return Example((record["question_stem"],) * len(texts), texts, gold)
+    choices, gold = _labelled_choices(record)
+    texts = tuple(TARGET_DELIMITER + text for text in choices)
+    return Example((_text(record, "question_stem"),) * len(texts), texts, gold)
 
 
 _BRACKETED = re.compile(r"\[.*?\]")
@@ -124,25 +162,26 @@ def _clean_hellaswag(text: str) -> str:
 
 
 def _hellaswag(record: dict[str, Any]) -> Example:
-    context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
-    query = _clean_hellaswag(f"{record['activity_label']}: {context}")
-    texts = tuple(
-        TARGET_DELIMITER + _clean_hellaswag(ending) for ending in record["endings"]
-    )
-    return Example((query,) * len(texts), texts, int(record["label"]))
+    context = _text(record, "ctx_a") + " " + _text(record, "ctx_b").capitalize()
+    query = _clean_hellaswag(f"{_text(record, 'activity_label')}: {context}")
+    endings = record["endings"]
+    if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+        raise TypeError(f"field 'endings' is {endings!r}; expected a list of texts")
+    texts = tuple(TARGET_DELIMITER + _clean_hellaswag(ending) for ending in endings)
+    return Example((query,) * len(texts), texts, _index(record, "label", len(texts)))
 
 
 def _winogrande(record: dict[str, Any]) -> Example:
     """Partial scoring: each option fills the blank, and the model scores the
     part of the sentence after the blank, which is the same for both."""
-    sentence = record["sentence"]
+    sentence = _text(record, "sentence")
     if "_" not in sentence:
         raise ValueError(f"sentence {sentence!r} has no blank '_'")
     blank = sentence.index("_")
-    contexts = (
-        sentence[:blank] + record["option1"],
-        sentence[:blank] + record["option2"],
-    )
+    options = [_text(record, name) for name in ("option1", "option2")]
+    if not all(option.strip() for option in options):
+        raise ValueError(f"options {options!r} include an empty one")
+    contexts = tuple(sentence[:blank] + option for option in options)
     rest = TARGET_DELIMITER + sentence[blank + 1 :].strip()
     answers = {"1": 0, "2": 1}
     if str(record["answer"]) not in answers:
@@ -187,13 +226,47 @@ TASK_NAMES = tuple(TASKS)
 
 
 def local_file(directory: Path, task: str) -> Path | None:
-    """Return the first of ``<task>.jsonl``, ``.json`` or ``.parquet`` in
-    ``directory``, or None."""
-    for suffix in LOCAL_SUFFIXES:
-        path = directory / f"{task}{suffix}"
-        if path.is_file():
-            return path
-    return None
+    """Return the task's file in ``directory``, ``<task>.jsonl``, ``.json`` or
+    ``.parquet``, or None; raise DataUnavailableError when several exist."""
+    found = [
+        directory / f"{task}{suffix}"
+        for suffix in LOCAL_SUFFIXES
+        if (directory / f"{task}{suffix}").is_file()
+    ]
+    if len(found) > 1:
+        names = ", ".join(path.name for path in found)
+        raise DataUnavailableError(
+            f"downstream task {task}: downstream.dir {str(directory)!r} contains "
+            f"{names}. Keep one of them, so that the task reads one split."
+        )
+    return found[0] if found else None
+
+
+# The layout of a local file of each format, for error messages.
+_LAYOUTS = {
+    ".jsonl": "one JSON object per line",
+    ".json": "a JSON array of objects, or one JSON object per line",
+    ".parquet": "a Parquet table with one row per record",
+}
+
+
+def _check_local_file(task: Task, path: Path) -> None:
+    """Raise DataUnavailableError for an empty file, or for a JSON Lines file
+    with a line that is not a JSON object, because `datasets` does not name
+    the line."""
+    layout = f"{_LAYOUTS[path.suffix]} with the fields {', '.join(task.fields)}"
+    if path.stat().st_size == 0:
+        raise DataUnavailableError(
+            f"downstream task {task.name}: {path} is empty. Write the task's "
+            f"evaluation split into it as {layout}."
+        )
+    if path.suffix != ".jsonl":
+        return
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                where = f"downstream task {task.name}: {path}:{number}"
+                json_object_line(line, where, f"The file needs {layout}.")
 
 
 def _expected_files(task: str) -> str:
@@ -219,18 +292,23 @@ def _load_records(
                 f"the hub dataset {task.hub_path} ({', '.join(task.fields)}), or "
                 "leave downstream.dir out to download the task from the hub."
             )
+        _check_local_file(task, path)
+        # A cache of its own: `datasets` would reuse the records of an earlier
+        # file with the same path, size and modification time.
         try:
-            records = datasets.load_dataset(
-                _LOADERS[path.suffix],
-                data_files=str(path),
-                split="train",
-                cache_dir=cache,
-            )
+            with tempfile.TemporaryDirectory(prefix="downstream-") as scratch:
+                records = datasets.load_dataset(
+                    _LOADERS[path.suffix],
+                    data_files=str(path),
+                    split="train",
+                    cache_dir=scratch,
+                    keep_in_memory=True,
+                )
         except Exception as error:  # noqa: BLE001 - datasets raises several types
             raise DataUnavailableError(
                 f"downstream task {task.name}: {path} cannot be read as "
-                f"{_LOADERS[path.suffix]} ({one_line(error)}). Write one record "
-                f"per line with the fields {', '.join(task.fields)}."
+                f"{_LOADERS[path.suffix]} ({one_line(error)}). The file needs "
+                f"{_LAYOUTS[path.suffix]} with the fields {', '.join(task.fields)}."
             ) from None
         return records, str(path)
     where = f"{task.hub_path}" + (f" ({task.hub_config})" if task.hub_config else "")
@@ -246,6 +324,18 @@ def _load_records(
             "where huggingface.co is reachable."
         ) from None
     return records, f"{where} split {task.split}"
+
+
+def _choice_problem(example: Example) -> str | None:
+    """Describe why ``example`` cannot be scored as a multiple-choice question,
+    or return None."""
+    count = len(example.continuations)
+    if count < 2:
+        return f"has {count} answer choice(s), and a question needs at least 2"
+    for index, continuation in enumerate(example.continuations):
+        if not continuation.strip():
+            return f"has an empty answer choice (number {index + 1})"
+    return None
 
 
 def load_examples(
@@ -281,11 +371,11 @@ def load_examples(
                 f"not fit ({one_line(error)}); its fields must be as in the hub "
                 f"dataset {task.hub_path}."
             ) from None
-        if not 0 <= example.gold < len(example.continuations):
+        problem = _choice_problem(example)
+        if problem:
             raise DataUnavailableError(
-                f"downstream task {task.name}: record {number + 1} of {where} has "
-                f"answer index {example.gold} for {len(example.continuations)} "
-                "choices."
+                f"downstream task {task.name}: record {number + 1} of {where} "
+                f"{problem}; fix or remove the record."
             )
         examples.append(example)
     if not examples:
@@ -380,6 +470,16 @@ def tokenize_examples(
     )
 
 
+def _file_digest(path: Path) -> str:
+    """Return the SHA-256 of a benchmark file's contents, so that any edit, even
+    one that keeps its size and modification time, builds the requests again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _cache_key(
     tasks: list[str],
     directory: Path | None,
@@ -393,7 +493,7 @@ def _cache_key(
             sources[name] = [task.hub_path, task.hub_config, task.split]
         else:
             path = local_file(directory, name)
-            sources[name] = file_stats([path]) if path else None
+            sources[name] = _file_digest(path) if path else None
     payload = {
         "version": DOWNSTREAM_FORMAT_VERSION,
         "sources": sources,
@@ -408,6 +508,7 @@ def prepare_downstream(
     cache_root: Path,
     tokenizer_id: str,
     load_encoder: Callable[[], tuple[Callable[[list[str]], list[list[int]]], int]],
+    seq_len: int | None = None,
 ) -> Path:
     """Tokenize the requests of ``settings["tasks"]`` once and return their folder.
 
@@ -415,7 +516,9 @@ def prepare_downstream(
     ``max_examples``. ``tokenizer_id`` names the tokenizer in the cache key (the
     token-shard folder, whose name covers source and tokenizer), and
     ``load_encoder`` returns ``(encode_batch, eos_id)`` when a build is needed.
-    The folder is built as the token shards are (`build_once`).
+    The folder is built as the token shards are (`build_once`). With
+    ``seq_len``, a warning names the tasks whose requests the model's context
+    cuts.
     """
     tasks = list(settings["tasks"])
     directory = settings.get("dir")
@@ -452,7 +555,34 @@ def prepare_downstream(
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
     build_once(target, build, "downstream requests")
+    if seq_len is not None:
+        for name in tasks:
+            _warn_when_cut(name, TaskRequests.load(target / f"{name}.npz"), seq_len)
     return target
+
+
+def cut_requests(requests: TaskRequests, seq_len: int) -> tuple[int, int]:
+    """Count the requests longer than ``seq_len + 1`` tokens, which scoring cuts
+    from the left, and those among them whose answer alone is longer than
+    ``seq_len`` tokens, so that part of the answer goes unscored."""
+    lengths = np.diff(requests.offsets)
+    cut = int((lengths > seq_len + 1).sum())
+    answers = int((requests.continuation_len > seq_len).sum())
+    return cut, answers
+
+
+def _warn_when_cut(task: str, requests: TaskRequests, seq_len: int) -> None:
+    cut, answers = cut_requests(requests, seq_len)
+    if not cut:
+        return
+    message = (
+        f"downstream task {task}: {cut} of {requests.requests} requests are longer "
+        f"than seq_len + 1 = {seq_len + 1} tokens and are scored without the start "
+        "of their context"
+    )
+    if answers:
+        message += f", {answers} of them without the start of the answer"
+    logger.warning("%s. A larger data.seq_len keeps them whole.", message)
 
 
 # Scoring
@@ -539,8 +669,9 @@ def evaluate_downstream(
 ) -> dict[str, float]:
     """Score every task in ``directory`` and return metrics keyed
     ``downstream/<task>/acc``, ``downstream/<task>/acc_norm`` and
-    ``downstream/<task>/examples``, and ``downstream/average``: the mean over
-    the tasks of the metric each task's table column shows."""
+    ``downstream/<task>/examples``, ``downstream/<task>/cut`` (requests cut to
+    the model's context) and ``downstream/average``: the mean over the tasks of
+    the metric each task's table column shows."""
     metrics: dict[str, float] = {}
     table_values = []
     for name in tasks:
@@ -550,6 +681,7 @@ def evaluate_downstream(
         for metric, value in accuracy.items():
             metrics[f"downstream/{name}/{metric}"] = value
         metrics[f"downstream/{name}/examples"] = float(len(requests.gold))
+        metrics[f"downstream/{name}/cut"] = float(cut_requests(requests, seq_len)[0])
         table_values.append(accuracy[DOWNSTREAM_COLUMNS[name][1]])
     metrics["downstream/average"] = float(np.mean(table_values))
     return metrics

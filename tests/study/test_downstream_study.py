@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,6 +80,16 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
         for task in TASK_NAMES:
             exported = float(by_variant[variant][f"{task}/acc"])
             assert exported == pytest.approx(recorded[task]["acc"])
+    (trials_csv,) = (workspace / "exports").glob("zero_shot-smoke-*-trials.csv")
+    for row in csv.DictReader(trials_csv.open()):
+        assert sorted(json.loads(row["downstream"])) == sorted(TASK_NAMES)
+    (parent,) = [
+        run
+        for run in client.search_runs([child.info.experiment_id])
+        if "mlflow.parentRunId" not in run.data.tags
+    ]
+    headline = parent.data.metrics["downstream/llama/bs_4/AdamPower/average"]
+    assert headline == pytest.approx(float(by_variant["AdamPower"]["average"]))
     (latex,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.tex")
     caption = latex.read_text()
     assert "Examples per task: ARC-E 5" in caption
@@ -140,3 +151,31 @@ def test_unknown_task_lists_choices(tmp_path):
         load_study(path)
     assert "mmlu" in str(caught.value)
     assert "arc_challenge" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"analysis": "power_trend"},
+            "downstream is set, but the power_trend analysis has no downstream table",
+        ),
+        ({"dir": " "}, "dir is empty; set it to the folder with the task files"),
+    ],
+)
+def test_downstream_setting_errors(tmp_path, change, expected):
+    downstream = {"tasks": ["piqa"], **{k: v for k, v in change.items() if k == "dir"}}
+    path = Path(_write_study(tmp_path, downstream))
+    spec = yaml.safe_load(path.read_text())
+    if "analysis" in change:
+        spec["analysis"] = change["analysis"]
+        spec["scales"]["smoke"]["workloads"]["llama"]["target"] = {
+            "metric": "val/loss",
+            "value": 1.0,
+        }
+    path.write_text(yaml.safe_dump(spec))
+
+    with pytest.raises(StudyFileError) as caught:
+        load_study(str(path))
+
+    assert expected in str(caught.value)

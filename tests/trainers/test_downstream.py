@@ -4,6 +4,7 @@ on benchmark files in the hub datasets' formats written by the tests."""
 from __future__ import annotations
 
 import json
+import os
 from typing import get_args
 
 import numpy as np
@@ -27,6 +28,7 @@ from trainers.downstream import (
     TASKS,
     Example,
     TaskRequests,
+    cut_requests,
     load_examples,
     prepare_downstream,
     request_log_likelihoods,
@@ -111,7 +113,7 @@ def test_prompts_follow_the_harness_formats(tmp_path):
     assert winogrande.gold == 1
 
 
-def test_continuation_tokens_are_the_whole_minus_the_context(bpe):
+def test_continuation_tokens_follow_context_tokens(bpe):
     shards = TokenShards.load(bpe["shards_dir"])
     encode, eos = shard_encoder(shards, TokenizerSpec("bpe", 300))
     examples = load_examples("piqa", bpe["benchmarks"])
@@ -161,7 +163,7 @@ def _direct_log_likelihood(model, ids: list[int], scored: int, seq_len: int) -> 
 
 
 @pytest.mark.parametrize("seq_len", [128, 40])
-def test_batched_scores_equal_one_request_at_a_time(bpe, seq_len):
+def test_batched_scores_equal_unbatched(bpe, seq_len):
     torch.manual_seed(0)
     model = build_llama("tiny", vocab_size=320, seq_len=128).eval()
     requests = TaskRequests.load(bpe["requests"] / "hellaswag.npz")
@@ -186,7 +188,7 @@ def test_batched_scores_equal_one_request_at_a_time(bpe, seq_len):
     assert (scores < 0).all()
 
 
-def test_accuracy_takes_the_best_choice_per_example():
+def test_accuracy_picks_best_choice():
     requests = TaskRequests(
         tokens=np.zeros(5, dtype=np.int64),
         offsets=np.arange(6),
@@ -206,7 +208,7 @@ def test_accuracy_takes_the_best_choice_per_example():
     }
 
 
-def test_trial_reports_downstream_accuracy_on_its_final_weights(bpe):
+def test_trial_reports_final_downstream_accuracy(bpe):
     data = {
         "shards_dir": bpe["shards_dir"],
         "seq_len": 32,
@@ -308,6 +310,127 @@ def test_record_that_does_not_fit_is_named(tmp_path):
 
     with pytest.raises(DataUnavailableError, match=r"record 3 of .*arc_challenge"):
         load_examples("arc_challenge", tmp_path)
+
+
+def _drop_goal(records):
+    del records[1]["goal"]
+
+
+def _blank_choice(records):
+    records[0]["choices"]["text"][2] = " "
+
+
+def _fractional_label(records):
+    records[0]["label"] = 0.7
+
+
+def _extra_text(records):
+    records[0]["choices"]["text"].append("spare")
+
+
+def _one_choice(records):
+    records[0]["choices"] = {"text": ["only"], "label": ["A"]}
+    records[0]["answerKey"] = "A"
+
+
+def _label_out_of_range(records):
+    records[1]["label"] = "4"
+
+
+def _empty_option(records):
+    records[0]["option2"] = ""
+
+
+@pytest.mark.parametrize(
+    ("task", "spoil", "record", "expected"),
+    [
+        ("piqa", _drop_goal, 2, "field 'goal' is missing or not text (found None)"),
+        ("arc_easy", _blank_choice, 1, "has an empty answer choice (number 3)"),
+        ("piqa", _fractional_label, 1, "field 'label' is 0.7; expected a whole"),
+        ("openbookqa", _extra_text, 1, "has 5 texts and 4 labels"),
+        ("arc_challenge", _one_choice, 1, "has 1 answer choice(s)"),
+        ("hellaswag", _label_out_of_range, 2, "field 'label' is '4'; expected a whole"),
+        ("winogrande", _empty_option, 1, "include an empty one"),
+    ],
+)
+def test_bad_record_names_field(tmp_path, task, spoil, record, expected):
+    records = downstream_records(task, 3)
+    spoil(records)
+    _write(tmp_path, task, records)
+
+    with pytest.raises(DataUnavailableError) as caught:
+        load_examples(task, tmp_path)
+
+    message = str(caught.value)
+    assert f"downstream task {task}: record {record} of " in message
+    assert expected in message
+
+
+def test_empty_file_is_named(tmp_path):
+    (tmp_path / "piqa.jsonl").write_text("")
+
+    with pytest.raises(DataUnavailableError, match=r"piqa.jsonl is empty"):
+        load_examples("piqa", tmp_path)
+
+
+def test_bad_json_line_is_named(tmp_path):
+    lines = [json.dumps(r) for r in downstream_records("piqa", 3)]
+    lines[1] = lines[1][:-1]
+    (tmp_path / "piqa.jsonl").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DataUnavailableError, match=r"piqa.jsonl:2 is not valid JSON"):
+        load_examples("piqa", tmp_path)
+
+
+def test_two_files_for_one_task_are_rejected(tmp_path):
+    write_downstream_files(tmp_path, 2, ["piqa"])
+    (tmp_path / "piqa.json").write_text(json.dumps(downstream_records("piqa", 2)))
+
+    with pytest.raises(DataUnavailableError, match="contains piqa.jsonl, piqa.json"):
+        load_examples("piqa", tmp_path)
+
+
+def test_edit_keeping_size_and_time_rebuilds(bpe, tmp_path):
+    benchmarks = write_downstream_files(tmp_path / "benchmarks", 4, ["piqa"])
+    path = benchmarks / "piqa.jsonl"
+    shards = TokenShards.load(bpe["shards_dir"])
+    settings = {"tasks": ["piqa"], "dir": str(benchmarks)}
+
+    def encoder():
+        return shard_encoder(shards, TokenizerSpec("bpe", 300))
+
+    first = prepare_downstream(settings, tmp_path, "shards", encoder)
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"label": 0', '"label": 1'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = prepare_downstream(settings, tmp_path, "shards", encoder)
+
+    assert path.stat().st_size == stat.st_size
+    assert second != first
+    assert TaskRequests.load(first / "piqa.npz").gold.tolist() == [0, 1, 0, 1]
+    assert TaskRequests.load(second / "piqa.npz").gold.tolist() == [1, 1, 1, 1]
+
+
+def test_cut_requests_are_counted_and_reported(bpe, caplog):
+    shards = TokenShards.load(bpe["shards_dir"])
+    settings = {"tasks": ["hellaswag"], "dir": str(bpe["benchmarks"])}
+    directory = prepare_downstream(
+        settings,
+        bpe["root"] / "cache",
+        shards.directory.name,
+        lambda: shard_encoder(shards, TokenizerSpec("bpe", 300)),
+        seq_len=40,
+    )
+    requests = TaskRequests.load(directory / "hellaswag.npz")
+    lengths = np.diff(requests.offsets)
+
+    cut, answers = cut_requests(requests, 40)
+
+    assert cut == int((lengths > 41).sum())
+    assert answers == int((requests.continuation_len > 40).sum())
+    assert cut == requests.requests
+    assert f"{cut} of {requests.requests} requests are longer than" in caplog.text
+    assert cut_requests(requests, 200) == (0, 0)
 
 
 def test_missing_field_is_named(tmp_path):

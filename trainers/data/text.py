@@ -332,21 +332,32 @@ def _after_line(line_number: int) -> str:
     return f" after line {line_number}" if line_number else ""
 
 
-def _c4_text(shard: Path, line_number: int, line: str) -> str:
-    expected = 'Each line of a C4 shard must be a JSON object with a "text" string.'
+def json_object_line(line: str, where: str, expected: str, fix: str = "") -> dict:
+    """Parse one line of a JSON Lines file, named ``where`` (file:line) in the
+    DataUnavailableError for invalid JSON (with ``fix``) or a non-object."""
     try:
         # Without the newline, the error's column counts within this line.
         record = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as error:
         raise DataUnavailableError(
-            f"{shard}:{line_number} is not valid JSON ({error.msg} at column "
-            f"{error.colno}). {expected} Fix the line or download the shard again."
+            f"{where} is not valid JSON ({error.msg} at column {error.colno}). "
+            f"{expected}{fix}"
         ) from None
     if not isinstance(record, dict):
         raise DataUnavailableError(
-            f"{shard}:{line_number} is a JSON {_json_type(record)}, not an object. "
-            f"{expected}"
+            f"{where} is a JSON {_json_type(record)}, not an object. {expected}"
         )
+    return record
+
+
+def _c4_text(shard: Path, line_number: int, line: str) -> str:
+    expected = 'Each line of a C4 shard must be a JSON object with a "text" string.'
+    record = json_object_line(
+        line,
+        f"{shard}:{line_number}",
+        expected,
+        " Fix the line or download the shard again.",
+    )
     if "text" not in record:
         keys = ", ".join(repr(key) for key in sorted(record)[:5]) or "none"
         raise DataUnavailableError(
@@ -790,7 +801,7 @@ def _cache_key(
     return hashlib.sha256(encoded).hexdigest()
 
 
-def file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
     stats = []
     for path in paths:
         status = path.stat()
@@ -802,11 +813,11 @@ def _source_fingerprint(source: TextSource) -> object:
     if source.kind == "bible":
         return hashlib.sha256(_read_bible_text().encode()).hexdigest()
     if source.kind == "files":
-        return file_stats(_expand_text_files(source.paths))
+        return _file_stats(_expand_text_files(source.paths))
     if source.kind == "c4_local":
         shards = _find_c4_shards(source.paths, "train")
         shards += _find_c4_shards(source.paths, "validation")
-        return file_stats(shards)
+        return _file_stats(shards)
     # Hub datasets are identified by their name.
     return None
 
@@ -820,7 +831,7 @@ def _tokenizer_fingerprint(spec: TokenizerSpec) -> object:
     files = (
         [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
     )
-    return file_stats(files)
+    return _file_stats(files)
 
 
 def build_once(directory: Path, build: Callable[[Path], None], kind: str) -> None:

@@ -195,6 +195,7 @@ class LanguageModelWorkload(Workload):
                     cache_root,
                     tokenizer_id=shards.directory.name,
                     load_encoder=lambda: shard_encoder(shards, tokenizer),
+                    seq_len=int(merged["seq_len"]),
                 )
             )
         return prepared
