@@ -544,6 +544,8 @@ def _run_or_resume_locked(
         prepared = prepare_data(spec, args.scale, workspace)
         client = workspace.open_stores()
         run_id, transfer, spec = _choose_run(args, resume, spec, workspace, client)
+    if run_id is not None:
+        _check_data_folders(args, spec, workspace, client, run_id, prepared)
     if transfer is not None:
         print("\n".join(transfer.describe()))
 
@@ -747,6 +749,39 @@ def _check_settings_unchanged(
         f"started ({summary}), and a continued run keeps its recorded settings; "
         f"restore those values to continue it, or start a new run with `{fresh}`"
     )
+
+
+def _check_data_folders(
+    args: argparse.Namespace,
+    spec,
+    workspace: Workspace,
+    client,
+    run_id: str,
+    prepared: dict[str, dict],
+) -> None:
+    """Say when the data files changed since run `run_id` started: its trials
+    keep reading the folders prepared then, so stop before Ray starts when one
+    of those is gone, and print a warning when they are all still there."""
+    from study.runner import changed_data_folders
+
+    changes = changed_data_folders(client, spec.name, args.scale, run_id, prepared)
+    gone = [change for change in changes if not Path(change[2]).exists()]
+    if gone:
+        label, key, old, new = gone[0]
+        words = ["run", args.name, "--scale", args.scale, "--fresh"]
+        fresh = f"{command_name()} {shlex.join(words + _store_words(args, workspace))}"
+        raise StudyFileError(
+            f"The data of workload {label} changed since run {run_id} started: "
+            f"its {key} is now {new}, and the run's trials read {old}, which is "
+            "gone, so its unfinished trials cannot continue. Start a new run with "
+            f"`{fresh}`; the finished trials of run {run_id} stay recorded"
+        )
+    for label, key, old, new in changes:
+        print(
+            f"warning: the data of workload {label} changed since run {run_id} "
+            f"started ({key} is now {new}); its trials keep reading {old}, as "
+            "when the run started"
+        )
 
 
 def _hide_password(uri: str) -> str:

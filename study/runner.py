@@ -659,6 +659,58 @@ def _training_settings(scale_dump: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _recorded_metadata(
+    client: MlflowClient, study: str, scale_name: str, run_id: str
+) -> dict[str, Any]:
+    """Return the metadata.json of run `run_id`'s parent run, or an empty dict
+    (with a warning) when it cannot be read."""
+    parent = find_parent_run(client, study, scale_name, run_id)
+    if parent is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(
+                parent.info.run_id, "metadata.json", folder
+            )
+            metadata = json.loads(Path(path).read_text())
+        except Exception:  # noqa: BLE001 - MLflow raises several types here
+            logger.warning(
+                "run %s has no readable metadata.json, so its settings and data "
+                "are not compared with the study file",
+                run_id,
+            )
+            return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def changed_data_folders(
+    client: MlflowClient,
+    study: str,
+    scale_name: str,
+    run_id: str,
+    prepared: dict[str, dict],
+) -> list[tuple[str, str, str, str]]:
+    """Return (workload, key, recorded folder, prepared folder) for each data
+    folder that `prepared` names differently from when run `run_id` started.
+
+    Its trials keep reading the recorded folders, because Ray Tune restores
+    their settings. Runs recorded before the folders were stored give none.
+    """
+    recorded = _recorded_metadata(client, study, scale_name, run_id).get(
+        "prepared_data"
+    )
+    if not isinstance(recorded, dict):
+        return []
+    changes = []
+    for label, data in prepared.items():
+        old_folders = recorded.get(label) or {}
+        for key, new in prepared_folders(data).items():
+            old = old_folders.get(key)
+            if old is not None and old != new:
+                changes.append((label, key, old, new))
+    return changes
+
+
 def changed_settings(
     client: MlflowClient, study: str, scale_name: str, run_id: str, spec: StudySpec
 ) -> list[str]:
@@ -669,22 +721,8 @@ def changed_settings(
     study files after the run started. An empty list also comes back when the
     run recorded no settings.
     """
-    parent = find_parent_run(client, study, scale_name, run_id)
-    if parent is None:
-        return []
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = client.download_artifacts(
-                parent.info.run_id, "metadata.json", folder
-            )
-        except Exception:  # noqa: BLE001 - MLflow raises several types here
-            logger.warning(
-                "run %s has no readable metadata.json, so its settings are not "
-                "compared with the study file",
-                run_id,
-            )
-            return []
-        recorded_config = json.loads(Path(path).read_text()).get("config")
+    metadata = _recorded_metadata(client, study, scale_name, run_id)
+    recorded_config = metadata.get("config")
     if not isinstance(recorded_config, dict):
         return []
     recorded = _training_settings(recorded_config)
@@ -719,10 +757,22 @@ def _create_parent_run(
     )
     parent_run_id = parent.info.run_id
     client.log_param(parent_run_id, "trials", len(plans))
-    client.log_dict(
-        parent_run_id, run_metadata(scale.model_dump(mode="json")), "metadata.json"
-    )
+    metadata = run_metadata(scale.model_dump(mode="json"))
+    metadata["prepared_data"] = {
+        plan.label: prepared_folders(plan.config.get("data", {})) for plan in plans
+    }
+    client.log_dict(parent_run_id, metadata, "metadata.json")
     return parent_run_id
+
+
+# Keys of a workload's prepared data settings that name a folder its trials
+# read: token shards, downstream requests and image datasets.
+PREPARED_FOLDER_KEYS = ("shards_dir", "downstream_dir", "root")
+
+
+def prepared_folders(data: dict[str, Any]) -> dict[str, str]:
+    """Return the folders that prepared data settings name, by key."""
+    return {key: str(data[key]) for key in PREPARED_FOLDER_KEYS if data.get(key)}
 
 
 def run_study(

@@ -3,17 +3,20 @@ exports it as Table 1 of the GradPower paper (real Ray, MLflow and Optuna stores
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from study.cli import main
+from study.cli import _check_data_folders, main
 from study.spec import StudyFileError, load_study
+from study.workspace import Workspace
 from tests.study.resilience_support import TINY_LM, child_runs, optuna_trials
 from tests.trainers.sample_data import write_downstream_files
 from trainers.downstream import TASK_NAMES
@@ -90,6 +93,7 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
     ]
     headline = parent.data.metrics["downstream/llama/bs_4/AdamPower/average"]
     assert headline == pytest.approx(float(by_variant["AdamPower"]["average"]))
+    _check_changed_data_folder(path, workspace, client, parent, capsys)
     (latex,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.tex")
     caption = latex.read_text()
     assert "Examples per task: ARC-E 5" in caption
@@ -98,6 +102,38 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
     error = 100 * math.sqrt(piqa * (1 - piqa) / 4)
     assert "(binomial, in points): ARC-E" in caption
     assert f"PIQA {error:.2f}" in caption
+
+
+def _check_changed_data_folder(path, workspace, client, parent, capsys):
+    """A run that continues after its benchmark files changed keeps the
+    requests it started with, and stops early when they are gone."""
+    spec = load_study(path)
+    run_id = parent.data.tags["study_run_id"]
+    args = argparse.Namespace(
+        name=path, scale="smoke", tracking_uri=None, optuna_storage=None
+    )
+    recorded = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "metadata.json")).read_text()
+    )["prepared_data"]["llama"]
+    changed = {
+        "llama": {**recorded, "downstream_dir": recorded["downstream_dir"] + "-new"}
+    }
+    ws = Workspace.open(workspace, data_cache=workspace.parent / "cache")
+    capsys.readouterr()
+
+    _check_data_folders(args, spec, ws, client, run_id, changed)
+    printed = capsys.readouterr().out
+    shutil.rmtree(recorded["downstream_dir"])
+    with pytest.raises(StudyFileError) as caught:
+        _check_data_folders(args, spec, ws, client, run_id, changed)
+
+    assert "warning: the data of workload llama changed since run" in printed
+    assert f"its trials keep reading {recorded['downstream_dir']}" in printed
+    assert "which is gone, so its unfinished trials cannot continue" in str(
+        caught.value
+    )
+    assert "--fresh" in str(caught.value)
+    _check_data_folders(args, spec, ws, client, run_id, {"llama": recorded})
 
 
 def test_missing_benchmark_file_stops_early(tmp_path, capsys):
