@@ -173,7 +173,11 @@ def _hellaswag(record: dict[str, Any]) -> Example:
 
 def _winogrande(record: dict[str, Any]) -> Example:
     """Partial scoring: each option fills the blank, and the model scores the
-    part of the sentence after the blank, which is the same for both."""
+    part of the sentence after the blank, which is the same for both.
+
+    Both requests share one continuation, so acc_norm equals acc here; the
+    harness reports only acc for WinoGrande.
+    """
     sentence = _text(record, "sentence")
     if "_" not in sentence:
         raise ValueError(f"sentence {sentence!r} has no blank '_'")
