@@ -8,8 +8,6 @@ import datetime
 import html
 from pathlib import Path
 
-import pandas as pd
-
 from dashboards.plots import write_plots
 from study.analysis import PowerAnalysis
 from study.export import (
@@ -114,18 +112,24 @@ def _page(title: str, sections: list[str]) -> str:
 
 def write_tables_page(
     title: str,
-    tables: list[tuple[str, pd.DataFrame]],
+    tables: list[tuple],
     notes: list[str],
     images: list[Path],
     path: Path,
 ) -> Path:
     """Write one HTML page with headed tables, a list of notes and embedded PNGs,
-    for the studies whose analysis is not a batch size x power table."""
-    sections = [
-        f"<h2>{html.escape(heading)}</h2>\n"
-        + frame.to_html(index=False, classes="plain", border=0)
-        for heading, frame in tables
-    ]
+    for the studies whose analysis is not a batch size x power table.
+
+    Each table is (heading, frame) or (heading, frame, footnote).
+    """
+    sections = []
+    for heading, frame, *footnote in tables:
+        section = f"<h2>{html.escape(heading)}</h2>\n" + frame.to_html(
+            index=False, classes="plain", border=0
+        )
+        if footnote:
+            section += f"\n<p>{html.escape(footnote[0])}</p>"
+        sections.append(section)
     if notes:
         items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
         sections.append(f"<h2>Notes</h2><ul>{items}</ul>")

@@ -742,8 +742,7 @@ def _check_settings_unchanged(
     summary = "; ".join(changes[:5])
     if len(changes) > 5:
         summary += f"; and {len(changes) - 5} more"
-    words = ["run", args.name, "--scale", args.scale, "--fresh"]
-    fresh = f"{command_name()} {shlex.join(words + _store_words(args, workspace))}"
+    fresh = _run_command(args, workspace, fresh=True)
     raise StudyFileError(
         f"The {args.scale} scale of {spec.name} changed since run {run_id} "
         f"started ({summary}), and a continued run keeps its recorded settings; "
@@ -765,22 +764,32 @@ def _check_data_folders(
     from study.runner import changed_data_folders
 
     changes = changed_data_folders(client, spec.name, args.scale, run_id, prepared)
-    gone = [change for change in changes if not Path(change[2]).exists()]
-    if gone:
-        label, key, old, new = gone[0]
-        words = ["run", args.name, "--scale", args.scale, "--fresh"]
-        fresh = f"{command_name()} {shlex.join(words + _store_words(args, workspace))}"
+    fresh = _run_command(args, workspace, fresh=True)
+    for label, key, old, new in changes:
+        # Cache folders are named by a hash of what they are built from, so the
+        # same name in another place is the same data in a data cache that moved.
+        moved = Path(old).name == Path(new).name
+        if Path(old).exists():
+            if not moved:
+                print(
+                    f"warning: the data of workload {label} changed since run "
+                    f"{run_id} started ({key} is now {new}); its trials keep "
+                    f"reading {old}, as when the run started"
+                )
+            continue
+        if moved:
+            raise StudyFileError(
+                f"Run {run_id} read the {key} of workload {label} from {old}, "
+                f"which is gone; the same data is now in {new}. Its trials keep "
+                "the folder they started with, so move that folder (or the whole "
+                f"data cache) back to continue the run, or start a new run with "
+                f"`{fresh}`"
+            )
         raise StudyFileError(
             f"The data of workload {label} changed since run {run_id} started: "
             f"its {key} is now {new}, and the run's trials read {old}, which is "
             "gone, so its unfinished trials cannot continue. Start a new run with "
             f"`{fresh}`; the finished trials of run {run_id} stay recorded"
-        )
-    for label, key, old, new in changes:
-        print(
-            f"warning: the data of workload {label} changed since run {run_id} "
-            f"started ({key} is now {new}); its trials keep reading {old}, as "
-            "when the run started"
         )
 
 

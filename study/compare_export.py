@@ -190,10 +190,17 @@ def downstream_frame(analysis: CompareAnalysis, bold=str) -> pd.DataFrame:
     return frame
 
 
+def _value_range(values: pd.Series) -> str:
+    """Return "N" when all values are N, else "LOW-HIGH"."""
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def downstream_footnote(analysis: CompareAnalysis) -> str:
     """Say what the downstream table's cells are, how many examples each task
     scored and the binomial standard error that this count allows."""
     table = analysis.downstream
+
     normalized = [
         title
         for task, (title, metric) in DOWNSTREAM_COLUMNS.items()
@@ -205,16 +212,17 @@ def downstream_footnote(analysis: CompareAnalysis) -> str:
     for task, (title, metric) in DOWNSTREAM_COLUMNS.items():
         if f"{task}/examples" not in table.columns:
             continue
-        count = int(table[f"{task}/examples"].max())
-        examples.append(f"{title} {count}")
-        cut_requests = table[f"{task}/cut"].max()
-        if cut_requests > 0:
-            cut.append(f"{title} {int(cut_requests)}")
-        # The binomial standard error of one accuracy over `count` examples, at
-        # the task's mean accuracy in the table.
-        accuracy = float(table[f"{task}/{metric}"].mean())
-        error = math.sqrt(accuracy * (1 - accuracy) / max(count - 1, 1))
-        errors.append(f"{title} {100 * error:.2f}")
+        rows = table.dropna(subset=[f"{task}/examples"])
+        counts = rows[f"{task}/examples"].astype(int)
+        examples.append(f"{title} {_value_range(counts)}")
+        if rows[f"{task}/cut"].max() > 0:
+            cut.append(f"{title} {_value_range(rows[f'{task}/cut'].astype(int))}")
+        # The binomial standard error of each row's accuracy over its examples;
+        # the footnote gives the largest.
+        accuracy = rows[f"{task}/{metric}"].astype(float)
+        error = (accuracy * (1 - accuracy) / (counts - 1).clip(lower=1)) ** 0.5
+        errors.append(f"{title} {100 * error.max():.2f}")
+
     text = (
         "Zero-shot accuracy in percent on the final weights, mean over the seeds "
         "at the variant's best lr_max; each choice is scored by the summed "
@@ -222,12 +230,15 @@ def downstream_footnote(analysis: CompareAnalysis) -> str:
     )
     if normalized:
         text += f" ({', '.join(normalized)}: divided by its length in characters)"
-    text += ". Avg.: mean of the task columns. Bold: the best of each column."
+    text += (
+        ". Avg.: mean of the task columns that the row has. Bold: the best of each "
+        "column."
+    )
     if examples:
         text += f" Examples per task: {', '.join(examples)}."
         text += (
-            " Standard error of one seed's accuracy (binomial, in points): "
-            f"{', '.join(errors)}."
+            " Standard error of one seed's accuracy (binomial, in points, the "
+            f"largest of the rows): {', '.join(errors)}."
         )
     if cut:
         text += (
@@ -601,8 +612,9 @@ def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, flo
 
 def report_sections(
     analysis: CompareAnalysis | LrTuneAnalysis,
-) -> list[tuple[str, pd.DataFrame]]:
-    """Return the (heading, table) pairs of the analysis for `study report`."""
+) -> list[tuple]:
+    """Return the (heading, table) pairs of the analysis for `study report`, and
+    (heading, table, footnote) for the downstream table."""
     if isinstance(analysis, LrTuneAnalysis):
         return [("Final validation loss by lr_max", lr_table_frame(analysis))]
     sections = [("Gap to the baseline", gap_frame(analysis))]
@@ -613,5 +625,11 @@ def report_sections(
     if analysis.curves is not None and len(analysis.curves.gaps):
         sections.append(("Gap during training", curve_frame(analysis.curves)))
     if len(analysis.downstream):
-        sections.append(("Zero-shot downstream accuracy", downstream_frame(analysis)))
+        sections.append(
+            (
+                "Zero-shot downstream accuracy",
+                downstream_frame(analysis, lambda text: f"*{text}*"),
+                downstream_footnote(analysis).replace("Bold:", "Marked with *:"),
+            )
+        )
     return sections

@@ -222,6 +222,8 @@ class Progress:
         else:
             detail = f"{state} at step {result.get('step', '?')}"
         best = self.best.get(best_key)
+        if best is None and plan.study_attrs.get("analysis") == "compare":
+            return detail, "at this batch size no trial is complete yet"
         if best is None:
             return detail, "at this batch size no trial reached the target"
         if not isinstance(best[0], tuple):

@@ -123,6 +123,8 @@ def _labelled_choices(record: dict[str, Any]) -> tuple[list[str], int]:
     if not all(isinstance(text, str) for text in texts):
         raise TypeError(f"field 'choices' has texts that are not text: {texts!r}")
     labels = [str(label).strip() for label in labels]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"field 'choices' repeats a label: {labels}")
     answer = str(record["answerKey"]).strip()
     if answer not in labels:
         raise ValueError(
@@ -187,6 +189,8 @@ def _winogrande(record: dict[str, Any]) -> Example:
         raise ValueError(f"options {options!r} include an empty one")
     contexts = tuple(sentence[:blank] + option for option in options)
     rest = TARGET_DELIMITER + sentence[blank + 1 :].strip()
+    if not rest.strip():
+        raise ValueError(f"sentence {sentence!r} has nothing after the blank to score")
     answers = {"1": 0, "2": 1}
     if str(record["answer"]) not in answers:
         raise ValueError(f"answer {record['answer']!r} is invalid; expected '1' or '2'")
@@ -559,6 +563,13 @@ def prepare_downstream(
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
     build_once(target, build, "downstream requests")
+    missing = [name for name in tasks if not (target / f"{name}.npz").is_file()]
+    if missing:
+        raise DataUnavailableError(
+            f"the downstream requests in {target} are incomplete (no "
+            f"{', '.join(name + '.npz' for name in missing)}). Delete that folder "
+            "and run the command again to prepare them anew."
+        )
     if seq_len is not None:
         for name in tasks:
             _warn_when_cut(name, TaskRequests.load(target / f"{name}.npz"), seq_len)

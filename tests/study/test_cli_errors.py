@@ -8,6 +8,7 @@ Ray Tune instead.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import http.server
 import json
@@ -31,8 +32,10 @@ from mlflow.tracking import MlflowClient
 import study.runner
 import study.workspace
 from study.cli import EXIT_BAD_INPUT, EXIT_TRIALS_FAILED, main
+from study.grid import TrialPlan
 from study.invocation import command_name
 from study.recording import RunInfo
+from study.runner import Progress
 from study.workspace import HTTP2_EMPTY_SETTINGS_FRAME, _check_ray_address
 from tests.study.recorded_runs import SCALE, STUDY, record_run
 from tests.study.resilience_support import study_command, wait_for_line, write_study
@@ -331,6 +334,20 @@ def test_compare_study_failed_trial_after_complete(tmp_path, local_ray, capsys):
     assert code == EXIT_TRIALS_FAILED, output.err[-3000:]
     assert "1 complete, 1 failed" in output.out
     assert "Traceback" not in output.err
+
+
+def test_compare_progress_line_before_any_complete():
+    plan = TrialPlan(FAULTY_KEY, "lm", {"batch_size": 4, "power": 1.2}, {}, {})
+    compare = dataclasses.replace(plan, study_attrs={"analysis": "compare"})
+    progress = Progress([plan], {})
+
+    assert progress._describe(plan, "failed", {"step": 2}) == (
+        "failed at step 2",
+        "at this batch size no trial reached the target",
+    )
+    assert progress._describe(compare, "failed", {"step": 2})[1] == (
+        "at this batch size no trial is complete yet"
+    )
 
 
 @pytest.mark.parametrize(

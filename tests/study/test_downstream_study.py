@@ -93,14 +93,19 @@ def test_compare_study_exports_downstream_table(tmp_path, capsys):
     ]
     headline = parent.data.metrics["downstream/llama/bs_4/AdamPower/average"]
     assert headline == pytest.approx(float(by_variant["AdamPower"]["average"]))
+    assert main([*export, "--format", "html"]) == 0
+    (page,) = (workspace / "exports").glob("zero_shot-smoke-*.html")
+    assert "Zero-shot accuracy in percent on the final weights" in page.read_text()
     _check_changed_data_folder(path, workspace, client, parent, capsys)
     (latex,) = (workspace / "exports").glob("zero_shot-smoke-*-downstream.tex")
     caption = latex.read_text()
     assert "Examples per task: ARC-E 5" in caption
     # PIQA's table column is acc: its binomial error over 5 examples.
-    piqa = sum(float(row["piqa/acc"]) for row in rows) / len(rows)
-    error = 100 * math.sqrt(piqa * (1 - piqa) / 4)
-    assert "(binomial, in points): ARC-E" in caption
+    error = max(
+        100 * math.sqrt(float(row["piqa/acc"]) * (1 - float(row["piqa/acc"])) / 4)
+        for row in rows
+    )
+    assert "(binomial, in points, the largest of the rows): ARC-E" in caption
     assert f"PIQA {error:.2f}" in caption
 
 
@@ -109,30 +114,38 @@ def _check_changed_data_folder(path, workspace, client, parent, capsys):
     requests it started with, and stops early when they are gone."""
     spec = load_study(path)
     run_id = parent.data.tags["study_run_id"]
+    cache = workspace.parent / "cache"
     args = argparse.Namespace(
-        name=path, scale="smoke", tracking_uri=None, optuna_storage=None
+        name=path,
+        scale="smoke",
+        tracking_uri=None,
+        optuna_storage=None,
+        data_cache=str(cache),
     )
     recorded = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "metadata.json")).read_text()
     )["prepared_data"]["llama"]
-    changed = {
-        "llama": {**recorded, "downstream_dir": recorded["downstream_dir"] + "-new"}
-    }
-    ws = Workspace.open(workspace, data_cache=workspace.parent / "cache")
+    old = Path(recorded["downstream_dir"])
+    changed = {"llama": {**recorded, "downstream_dir": f"{old}-new"}}
+    moved = {"llama": {**recorded, "downstream_dir": f"/elsewhere/{old.name}"}}
+    ws = Workspace.open(workspace, data_cache=cache)
     capsys.readouterr()
 
+    _check_data_folders(args, spec, ws, client, run_id, moved)
     _check_data_folders(args, spec, ws, client, run_id, changed)
     printed = capsys.readouterr().out
-    shutil.rmtree(recorded["downstream_dir"])
-    with pytest.raises(StudyFileError) as caught:
+    shutil.rmtree(old)
+    with pytest.raises(StudyFileError) as gone:
         _check_data_folders(args, spec, ws, client, run_id, changed)
+    with pytest.raises(StudyFileError) as elsewhere:
+        _check_data_folders(args, spec, ws, client, run_id, moved)
 
+    assert printed.count("warning:") == 1
     assert "warning: the data of workload llama changed since run" in printed
-    assert f"its trials keep reading {recorded['downstream_dir']}" in printed
-    assert "which is gone, so its unfinished trials cannot continue" in str(
-        caught.value
-    )
-    assert "--fresh" in str(caught.value)
+    assert f"its trials keep reading {old}" in printed
+    assert "which is gone, so its unfinished trials cannot continue" in str(gone.value)
+    assert f"--data-cache {cache} --fresh" in str(gone.value)
+    assert f"the same data is now in /elsewhere/{old.name}" in str(elsewhere.value)
     _check_data_folders(args, spec, ws, client, run_id, {"llama": recorded})
 
 

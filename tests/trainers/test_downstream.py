@@ -341,6 +341,14 @@ def _empty_option(records):
     records[0]["option2"] = ""
 
 
+def _blank_at_end(records):
+    records[0]["sentence"] = "The cup fell because _"
+
+
+def _repeated_label(records):
+    records[0]["choices"]["label"] = ["A", "A", "B", "C"]
+
+
 @pytest.mark.parametrize(
     ("task", "spoil", "record", "expected"),
     [
@@ -351,6 +359,8 @@ def _empty_option(records):
         ("arc_challenge", _one_choice, 1, "has 1 answer choice(s)"),
         ("hellaswag", _label_out_of_range, 2, "field 'label' is '4'; expected a whole"),
         ("winogrande", _empty_option, 1, "include an empty one"),
+        ("winogrande", _blank_at_end, 1, "has nothing after the blank to score"),
+        ("arc_easy", _repeated_label, 1, "repeats a label: ['A', 'A', 'B', 'C']"),
     ],
 )
 def test_bad_record_names_field(tmp_path, task, spoil, record, expected):
@@ -442,6 +452,23 @@ def test_missing_field_is_named(tmp_path):
 
     with pytest.raises(DataUnavailableError, match=r"no field\(s\) \['endings'\]"):
         load_examples("hellaswag", tmp_path)
+
+
+def test_incomplete_request_cache_is_named(bpe, tmp_path):
+    shards = TokenShards.load(bpe["shards_dir"])
+    settings = {"tasks": ["piqa", "winogrande"], "dir": str(bpe["benchmarks"])}
+
+    def encoder():
+        return shard_encoder(shards, TokenizerSpec("bpe", 300))
+
+    directory = prepare_downstream(settings, tmp_path, "shards", encoder)
+    (directory / "winogrande.npz").unlink()
+
+    with pytest.raises(DataUnavailableError) as caught:
+        prepare_downstream(settings, tmp_path, "shards", encoder)
+
+    assert f"requests in {directory} are incomplete" in str(caught.value)
+    assert "(no winogrande.npz)" in str(caught.value)
 
 
 def test_downstream_dir_must_be_a_folder(tmp_path):
