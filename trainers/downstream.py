@@ -534,8 +534,8 @@ def prepare_downstream(
     if directory is not None and not directory.is_dir():
         raise DataUnavailableError(
             f"downstream.dir {str(directory)!r} is not a folder. Set it to the "
-            f"folder that holds {', '.join(t + '.jsonl' for t in tasks)}, or leave "
-            "it out to download the tasks from the hub."
+            f"folder that contains {', '.join(t + '.jsonl' for t in tasks)}, or "
+            "leave it out to download the tasks from the hub."
         )
     max_examples = settings.get("max_examples")
     root = Path(cache_root).absolute() / "downstream"

@@ -351,7 +351,7 @@ def test_edited_study_file_stops_continuation(terminated_run, tmp_path):
         error = completed.stderr.strip().splitlines()[-1]
         assert error.startswith("error: The smoke scale of terminate changed since run")
         assert "(workloads.lm.budget.steps: 60 -> 40)" in error
-        assert f"run {edited} --scale smoke --fresh --workspace {workspace}" in error
+        assert f"run {edited} --scale smoke --workspace {workspace} --fresh" in error
         assert "Traceback" not in completed.stderr
 
     (parent,) = _parent_runs(workspace, "terminate")
