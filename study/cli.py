@@ -348,20 +348,26 @@ def _log_files(client, analysis, parent_run_id, paths, folder: str) -> None:
         print(f"logged {len(paths)} file(s) under {folder}/ on MLflow run {parent}")
 
 
-def _log_fit_metrics(client, analysis, parent_run_id) -> None:
-    parent = parent_run_id or analysis.run.parent_run_id
+def _log_fit_metrics(client, analyses, parent_run_id) -> None:
+    """Log each workload's fitted slope and best powers on the run's parent run,
+    all in one call, so that labels that read alike as metric names get told
+    apart."""
+    from study.export import metric_names
+
+    parent = parent_run_id or analyses[0].run.parent_run_id
     if client is None or not parent:
         return
-    label = analysis.run.label
-    metrics = {}
-    if analysis.linear:
-        metrics[f"fit/{label}/slope"] = analysis.linear.slope
-        metrics[f"fit/{label}/slope_ci_low"] = analysis.linear.slope_ci[0]
-        metrics[f"fit/{label}/slope_ci_high"] = analysis.linear.slope_ci[1]
-    for row in analysis.best.dropna(subset=["p_star"]).itertuples():
-        metrics[f"p_star/{label}/batch_{row.batch_size}"] = row.p_star
-    for name, value in metrics.items():
-        client.log_metric(parent, name, float(value))
+    values = {}
+    for analysis in analyses:
+        label = analysis.run.label
+        if analysis.linear:
+            values["fit", label, "slope"] = analysis.linear.slope
+            values["fit", label, "slope_ci_low"] = analysis.linear.slope_ci[0]
+            values["fit", label, "slope_ci_high"] = analysis.linear.slope_ci[1]
+        for row in analysis.best.dropna(subset=["p_star"]).itertuples():
+            values["p_star", label, f"batch_{row.batch_size}"] = row.p_star
+    for name, value in metric_names(values).items():
+        client.log_metric(parent, name, value)
 
 
 def _write_report(analyses, workspace: Workspace, client, parent_run_id=None) -> None:
@@ -392,8 +398,8 @@ def _analyze_and_export(
         paths = export_tables(analysis, workspace.exports)
         print(f"tables: {paths['md']} and {paths['csv']}")
         _log_files(client, analysis, parent_run_id, list(paths.values()), "exports")
-        _log_fit_metrics(client, analysis, parent_run_id)
     if analyses:
+        _log_fit_metrics(client, analyses, parent_run_id)
         try:
             _write_report(analyses, workspace, client, parent_run_id)
         except Exception as error:  # noqa: BLE001 - the trials are recorded already

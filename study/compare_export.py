@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from study.compare_analysis import (
     fits_frame,
 )
 from study.compare_curves import GAP_RULE, SPIKE_RULE, curve_frame
-from study.export import _latex_escape, frame_to_markdown
+from study.export import _latex_escape, frame_to_markdown, metric_names
 from trainers.tables import DOWNSTREAM_COLUMNS
 
 # Table formats that the exports write; html is `study report`'s page.
@@ -575,39 +574,31 @@ def export_lr_tune(
     return paths
 
 
-def _metric_segment(text: str) -> str:
-    """Return `text` as one segment of an MLflow metric name: each run of
-    characters other than letters, digits, `-` and `.` becomes one `_`."""
-    return re.sub(r"[^\w\-.]+", "_", str(text)).strip("_")
-
-
 def summary_metrics(analysis: CompareAnalysis | LrTuneAnalysis) -> dict[str, float]:
     """Return the headline numbers of an analysis as MLflow metric names and values,
     for the run's parent run: gaps, best powers, fitted exponents and average
     downstream accuracies of a comparison, or the best lr_max of each (label, batch size) of a tuning run."""
-    metrics: dict[str, float] = {}
+    values: dict[tuple, float] = {}
     if isinstance(analysis, LrTuneAnalysis):
         for rate in analysis.best:
-            name = f"best_lr/{_metric_segment(rate.label)}/bs_{rate.batch_size}"
-            metrics[name] = float(rate.lr_max)
-        return metrics
+            values["best_lr", rate.label, f"bs_{rate.batch_size}"] = float(rate.lr_max)
+        return metric_names(values)
     for row in analysis.gaps.itertuples():
         if row.status == "ok":
-            where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
-            metrics[f"gap/{where}/{_metric_segment(row.variant)}"] = float(row.gap)
+            values["gap", row.setting, f"bs_{row.batch_size}", row.variant] = float(
+                row.gap
+            )
     for row in analysis.best_powers.itertuples():
-        where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
-        optimizer = _metric_segment(base_optimizer_name(row.base, row.blockwise_lr))
-        metrics[f"p_star/{where}/{optimizer}"] = float(row.p_star)
-    for fit in analysis.fits:
-        name = f"fit/{_metric_segment(fit.series)}/{_metric_segment(fit.variant)}"
-        metrics[f"{name}/alpha"] = float(fit.alpha)
-    for row in analysis.downstream.itertuples():
-        where = f"{_metric_segment(row.setting)}/bs_{row.batch_size}"
-        metrics[f"downstream/{where}/{_metric_segment(row.variant)}/average"] = float(
-            row.average
+        optimizer = base_optimizer_name(row.base, row.blockwise_lr)
+        values["p_star", row.setting, f"bs_{row.batch_size}", optimizer] = float(
+            row.p_star
         )
-    return {name: value for name, value in metrics.items() if math.isfinite(value)}
+    for fit in analysis.fits:
+        values["fit", fit.series, fit.variant, "alpha"] = float(fit.alpha)
+    for row in analysis.downstream.itertuples():
+        where = ("downstream", row.setting, f"bs_{row.batch_size}", row.variant)
+        values[(*where, "average")] = float(row.average)
+    return metric_names(values)
 
 
 def report_sections(

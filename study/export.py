@@ -4,6 +4,7 @@ analysis, to files under WORKSPACE/exports."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import math
@@ -591,6 +592,37 @@ def export_tables(
             path.write_text(to_html_page(table))
         paths[name] = path
     return paths
+
+
+def _metric_segment(text: object) -> str:
+    """Return `text` as one segment of an MLflow metric name: each run of
+    characters other than letters, digits, `-` and `.` becomes one `_`."""
+    return re.sub(r"[^\w\-.]+", "_", str(text)).strip("_") or "_"
+
+
+def metric_names(values: dict[tuple, float]) -> dict[str, float]:
+    """Return MLflow metric names and values for `values`, keyed by tuples of
+    name segments (setting, variant, ...) in any text.
+
+    Segments join with `/` after `_metric_segment`. Two keys can give one name,
+    as settings `a b` and `a+b` do. Each such name then ends in `-` and six hex
+    digits of a hash of its key: neither value overwrites the other, and the
+    name is the same in every run. Values that are not finite are left out."""
+    named: dict[str, list[tuple[tuple, float]]] = {}
+    for key, value in values.items():
+        name = "/".join(_metric_segment(segment) for segment in key)
+        named.setdefault(name, []).append((key, value))
+    metrics = {}
+    for name, entries in named.items():
+        for key, value in entries:
+            if len(entries) > 1:
+                text = "\0".join(str(segment) for segment in key)
+                name_of_key = f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+            else:
+                name_of_key = name
+            if math.isfinite(value):
+                metrics[name_of_key] = float(value)
+    return metrics
 
 
 def log_artifacts(client, parent_run_id: str | None, paths, folder: str) -> bool:

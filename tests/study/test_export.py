@@ -18,6 +18,7 @@ from study.export import (
     build_table,
     export_tables,
     log_artifacts,
+    metric_names,
     power_table,
     read_markdown_table,
     summary_text,
@@ -316,3 +317,30 @@ def test_value_table_leaves_out_steps_notes(analysis, tmp_path):
     assert "linear trend: p* =" not in final_text
     assert "Note: " not in final_text
     assert "Cells are the median over seeds of the last recorded value" in final_text
+
+
+def test_metric_names_keep_settings_that_read_alike_apart(mlflow_store):
+    values = {
+        ("gap", "llama 66m", "bs_4", "AdamPower (p=1.2)"): -0.05,
+        ("gap", "llama+66m", "bs_4", "AdamPower (p=1.2)"): -0.02,
+        ("gap", "llama_66m", "bs_4", "Adam"): 0.0,
+        ("gap", "plain", "bs_4", "Adam"): float("nan"),
+    }
+    names = metric_names(values)
+    assert "gap/llama_66m/bs_4/Adam" in names
+    alike = sorted(name for name in names if "AdamPower" in name)
+    assert len(alike) == 2
+    assert all(
+        re.fullmatch(r"gap/llama_66m/bs_4/AdamPower_p_1\.2-[0-9a-f]{6}", name)
+        for name in alike
+    )
+    assert sorted(names[name] for name in alike) == [-0.05, -0.02]
+    assert not any(name.startswith("gap/plain") for name in names)
+    assert metric_names(values) == names
+
+    client, _ = mlflow_store
+    experiment = client.create_experiment("metric-names")
+    run = client.create_run(experiment).info.run_id
+    for name, value in names.items():
+        client.log_metric(run, name, value)
+    assert client.get_run(run).data.metrics == names
