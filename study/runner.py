@@ -476,7 +476,18 @@ def is_restorable(workspace: Workspace, study: str, scale: str, run_id: str) -> 
     A run has none when it stopped before Tune saved its experiment state.
     """
     experiment = workspace.ray_results / RunInfo(study, scale, run_id).experiment_name
-    return tune.Tuner.can_restore(str(experiment))
+    return _tune_state_saved(experiment)
+
+
+def _tune_state_saved(experiment: Path) -> bool:
+    """Return whether Tune saved both parts of experiment `experiment` that
+    `Tuner.restore` reads: the tuner (`tuner.pkl`, written first) and the
+    trial states (`experiment_state-<time>.json`, written once the trials are
+    set up). `Tuner.can_restore` looks only for the first, and a run stopped
+    between the two then fails inside `Tuner.restore`."""
+    return tune.Tuner.can_restore(str(experiment)) and any(
+        experiment.glob("experiment_state-*.json")
+    )
 
 
 @contextlib.contextmanager
@@ -803,7 +814,7 @@ def run_study(
     scale = spec.scale(scale_name)
     run = RunInfo(spec.name, scale_name, resume_run_id or new_run_id())
     experiment_path = workspace.ray_results / run.experiment_name
-    if resume_run_id and not tune.Tuner.can_restore(str(experiment_path)):
+    if resume_run_id and not _tune_state_saved(experiment_path):
         raise StudyFileError(
             f"Run {resume_run_id} has no restorable Ray Tune experiment at "
             f"{experiment_path}; start a new run with `{command_name()} run --fresh`"

@@ -122,6 +122,17 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
+def wait_for_file(process: subprocess.Popen, path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"process ended before {path} was written")
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written within {timeout} s")
+
+
 def wait_for_line(
     process: subprocess.Popen, log: Path, text: str, timeout: float
 ) -> None:

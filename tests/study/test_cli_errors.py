@@ -38,7 +38,12 @@ from study.recording import RunInfo
 from study.runner import Progress
 from study.workspace import HTTP2_EMPTY_SETTINGS_FRAME, _check_ray_address
 from tests.study.recorded_runs import SCALE, STUDY, record_run
-from tests.study.resilience_support import study_command, wait_for_line, write_study
+from tests.study.resilience_support import (
+    study_command,
+    wait_for_file,
+    wait_for_line,
+    write_study,
+)
 from tests.trainers.sample_data import save_word_tokenizer, write_c4_shards
 
 LOOPBACK = "127.0.0.1"
@@ -458,7 +463,8 @@ def test_ray_join_failure_records_no_run(tmp_path, listener, monkeypatch, capsys
     assert optuna.get_all_study_summaries(storage) == []
 
 
-def test_run_not_blocked_by_unrestorable_run(tmp_path, local_ray, capsys, caplog):
+@pytest.mark.parametrize("left", ["nothing", "tuner only"])
+def test_run_not_blocked_by_unrestorable_run(tmp_path, local_ray, capsys, caplog, left):
     name = "unrestorable"
     path = _write_two_trials(tmp_path, name)
     workspace = tmp_path / "ws"
@@ -473,15 +479,27 @@ def test_run_not_blocked_by_unrestorable_run(tmp_path, local_ray, capsys, caplog
         driver = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
         wait_for_line(driver, log, f"study {name}, scale {SCALE}, new run", timeout=120)
+        (old_id,) = _parents_by_run(workspace, name)
+        experiment = (
+            workspace / "ray_results" / RunInfo(name, SCALE, old_id).experiment_name
+        )
+        if left == "tuner only":
+            wait_for_file(driver, experiment / "tuner.pkl", timeout=120)
     finally:
         driver.kill()
         driver.wait(timeout=60)
-    (old_id,) = _parents_by_run(workspace, name)
     assert _parents_by_run(workspace, name)[old_id].info.status == "RUNNING"
-    # Tune may have saved the experiment before the driver died. Removing its
-    # folder, as a user freeing disk space does, leaves nothing to restore.
-    experiment = RunInfo(name, SCALE, old_id).experiment_name
-    shutil.rmtree(workspace / "ray_results" / experiment, ignore_errors=True)
+    if left == "nothing":
+        # Removing the experiment's folder, as a user freeing disk space does,
+        # leaves nothing to restore.
+        shutil.rmtree(experiment, ignore_errors=True)
+    else:
+        # A driver stopped after Tune wrote tuner.pkl and before it saved the
+        # trials' states leaves only tuner.pkl, which Tuner.can_restore takes
+        # for a restorable experiment.
+        for entry in experiment.iterdir():
+            if entry.name != "tuner.pkl":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     code = main(_run_args(workspace, study=str(path)))
     captured = capsys.readouterr()
