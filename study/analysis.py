@@ -130,6 +130,10 @@ class AnalysisOptions:
                 f"{self.bootstrap_samples} bootstrap resamples are too few; use 100 "
                 "or more"
             )
+        if self.bootstrap_seed < 0:
+            raise StudyFileError(
+                f"bootstrap seed {self.bootstrap_seed} is invalid; use 0 or more"
+            )
 
 
 @dataclass

@@ -396,6 +396,10 @@ def test_invalid_options_rejected():
         AnalysisOptions(metric="minutes")
     with pytest.raises(StudyFileError, match="confidence"):
         AnalysisOptions(confidence=1.5)
+    with pytest.raises(StudyFileError, match="100 or more"):
+        AnalysisOptions(bootstrap_samples=5)
+    with pytest.raises(StudyFileError, match="bootstrap seed -1 is invalid; use 0"):
+        AnalysisOptions(bootstrap_seed=-1)
 
 
 def _curves(points: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
