@@ -27,7 +27,7 @@ from study.compare_analysis import (
     fits_frame,
 )
 from study.compare_curves import GAP_RULE, SPIKE_RULE, curve_frame
-from study.export import _latex_escape, frame_to_markdown, metric_names
+from study.export import _latex_escape, frame_to_markdown, latex_label, metric_names
 from trainers.tables import DOWNSTREAM_COLUMNS
 
 # Table formats that the exports write; html is `study report`'s page.
@@ -401,7 +401,7 @@ def frame_to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
 
 
 def _latex_label(analysis, name: str) -> str:
-    return f"tab:{analysis.study}-{analysis.scale}-{name}".replace("_", "-")
+    return latex_label(analysis.study, analysis.scale, name)
 
 
 def _title(analysis) -> str:

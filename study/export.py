@@ -359,6 +359,14 @@ def _latex_escape(text: str) -> str:
     return re.sub(r"(?<![\w.])'", "`", escaped)
 
 
+def latex_label(*parts: object) -> str:
+    """Return a `\\label` key `tab:<parts joined by ->` in which every character
+    other than an ASCII letter, digit, `.` or `-` of the study, scale and
+    workload names becomes `-`, so that any name gives a key LaTeX reads."""
+    key = "-".join(str(part) for part in parts)
+    return "tab:" + re.sub(r"[^A-Za-z0-9.-]", "-", key)
+
+
 def to_latex(table: PowerTable, label: str) -> str:
     """Render a `table` float for a LaTeX document that loads booktabs."""
     count = len(table.powers)
@@ -586,8 +594,8 @@ def export_tables(
         elif name == "csv":
             table.frame().to_csv(path, index=False)
         elif name == "latex":
-            label = f"tab:{run.study}-{run.scale}-{run.label}-{metric}"
-            path.write_text(to_latex(table, label.replace("_", "-")))
+            label = latex_label(run.study, run.scale, run.label, metric)
+            path.write_text(to_latex(table, label))
         else:
             path.write_text(to_html_page(table))
         paths[name] = path

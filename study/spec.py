@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -24,6 +26,7 @@ from pydantic import (
 
 from trainers import tables as workload_tables
 from trainers.schedules import SCHEDULES
+from trainers.tables import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Scale names a study file may use. `paper_large_batch` is optional, and
@@ -45,8 +48,6 @@ MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = re.compile(r"auto|cpu|(cuda|mps|xpu)(:[0-9]+)?")
 # The ResNet presets that torchvision builds, next to the table of small ones.
 TORCHVISION_RESNET_PRESETS = ("resnet34",)
-# Byte-level BPE starts from 256 byte tokens and adds EOS.
-MIN_BPE_VOCAB_SIZE = 257
 
 
 class StudyFileError(ValueError):
@@ -112,6 +113,31 @@ def _check_seeds(seeds: list[int]) -> list[int]:
             raise ValueError(f"seed {seed} is invalid; use 0 to 2**32 - 1")
     _check_unique("seed", seeds)
     return seeds
+
+
+def _check_name(name: str) -> str:
+    """Reject a study name, workload label, setting or series that cannot be
+    part of a file name, trial key or Optuna study name: one that is blank or
+    contains a `/`, a `\\` or a control character such as a newline."""
+    if not name.strip():
+        raise ValueError(
+            f"name {name!r} is blank; it names files, trial keys and Optuna "
+            "studies, so write one such as lm_small"
+        )
+    unfit = sorted(
+        {c for c in name if c in "/\\" or unicodedata.category(c).startswith("C")}
+    )
+    if unfit:
+        characters = ", ".join(repr(c) for c in unfit)
+        raise ValueError(
+            f"name {name!r} contains {characters}; it names files, trial keys and Optuna "
+            "studies, so use letters, digits, spaces and _ - . + = instead"
+        )
+    return name
+
+
+# A study name, workload label, setting or series.
+Name = Annotated[str, AfterValidator(_check_name)]
 
 
 _LR_LIST = "<list>"
@@ -295,6 +321,22 @@ class Target(Strict):
     of its budget and still records the step that met the target. Both the
     time to target and the value after the whole schedule (such as the
     paper's Table 2 accuracies) are then known."""
+
+    @model_validator(mode="after")
+    def _check_reachable(self) -> Target:
+        if self.metric == "val/loss" and self.value <= 0:
+            raise SettingError(
+                f"target value {self.value:g} can never be met: a cross-entropy "
+                "loss is above 0; use a loss the model can reach, such as 3.5",
+                ("value",),
+            )
+        if self.metric == "val/accuracy" and not 0 <= self.value <= 1:
+            raise SettingError(
+                f"target value {self.value:g} is not an accuracy: accuracies are "
+                "fractions from 0 to 1; write 0.93 for 93%",
+                ("value",),
+            )
+        return self
 
 
 class Budget(Strict):
@@ -549,6 +591,13 @@ class TextData(Strict):
                 f"use {MIN_BPE_VOCAB_SIZE} or more (256 byte tokens plus EOS)",
                 ("vocab_size",),
             )
+        if self.tokenizer == "bpe" and self.vocab_size > MAX_BPE_VOCAB_SIZE:
+            raise SettingError(
+                f"vocab_size {self.vocab_size} is too large for the bpe tokenizer, "
+                f"whose training would need memory in proportion; use at most "
+                f"{MAX_BPE_VOCAB_SIZE} (2**20)",
+                ("vocab_size",),
+            )
         if self.tokenizer == "pretrained" and not self.tokenizer_path:
             raise SettingError(
                 "the pretrained tokenizer needs tokenizer_path, a Hugging Face hub "
@@ -678,10 +727,10 @@ class WorkloadStudy(Strict):
     """Stop a trial once it meets this; None trains every trial for the whole
     budget, as the final-loss analyses need."""
     budget: Budget
-    setting: str | None = None
+    setting: Name | None = None
     """Row of the comparison table; entries that share a setting (for example
     with and without blockwise_lr) form one row. Defaults to the entry's key."""
-    series: str | None = None
+    series: Name | None = None
     """Entries that share a series (one per model size) form one
     loss-versus-parameters fit."""
     eval_every_steps: int = Field(default=10, ge=1)
@@ -846,7 +895,7 @@ class Scale(Strict):
     """Retries of a crashed trial, each from its latest checkpoint."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """Checkpoints kept per trial; older ones are deleted."""
-    workloads: dict[str, WorkloadEntry] = Field(min_length=1)
+    workloads: dict[Name, WorkloadEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _check_workloads(self) -> Scale:
@@ -879,7 +928,7 @@ class Scale(Strict):
 
 
 class StudySpec(Strict):
-    name: str
+    name: Name
     description: str = ""
     analysis: Literal["power_trend", "compare", "lr_tune"] = "power_trend"
     """`power_trend`: steps to a target per batch size and power, and the best
@@ -1018,7 +1067,10 @@ _NUMBER_TYPES = frozenset({"float_type", "float_parsing"})
 
 def _describe_error(item: Any) -> tuple[tuple[str | int, ...], str]:
     """Return the location and message of one pydantic error item."""
-    location = tuple(part for part in item["loc"] if part not in _UNION_TAGS)
+    # A dict key's error is located at its key, whose line is the entry's.
+    location = tuple(
+        part for part in item["loc"] if part not in _UNION_TAGS and part != "[key]"
+    )
     error = item.get("ctx", {}).get("error")
     if isinstance(error, SettingError):
         location += error.location
@@ -1120,7 +1172,9 @@ def _format_validation_error(
         if not location:
             lines.append(f"  {message}")
             continue
-        where = ".".join(str(part) for part in location)
+        where = ".".join(
+            str(part) if str(part).isprintable() else repr(part) for part in location
+        )
         line = _line_of(root, location)
         if line is not None:
             where += f" (line {line})"

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+# Vocabulary sizes a byte-level BPE is trained to: 256 byte tokens plus EOS at
+# least. The BPE trainer allocates memory in proportion to the requested
+# vocabulary size (70 GB for 10**9), and 2**20 is four times the largest
+# vocabularies of current LLMs.
+MIN_BPE_VOCAB_SIZE = 257
+MAX_BPE_VOCAB_SIZE = 2**20
+
 # LLaMA decoder shapes by preset name. `tiny` keeps tests fast on CPU and `cpu`
 # is the embedded default study. `cpu-s`, `cpu` and `cpu-l` span a 7x range of
 # sizes (0.16M, 0.36M and 1.1M parameters at a vocabulary of 2048) for

@@ -17,6 +17,7 @@ from study.analysis import AnalysisOptions, analyze_run
 from study.export import (
     build_table,
     export_tables,
+    latex_label,
     log_artifacts,
     metric_names,
     power_table,
@@ -344,3 +345,8 @@ def test_metric_names_keep_settings_that_read_alike_apart(mlflow_store):
     for name, value in names.items():
         client.log_metric(run, name, value)
     assert client.get_run(run).data.metrics == names
+
+
+def test_latex_label_keeps_only_characters_latex_reads():
+    label = latex_label("my_study", "smoke", "lm a'b\"c{ü}", "steps")
+    assert label == "tab:my-study-smoke-lm-a-b-c----steps"

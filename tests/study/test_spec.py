@@ -245,6 +245,12 @@ INVALID_LM_SETTINGS = [
     ({"data.source": "files"}, "lm.data.paths", "add the text files"),
     ({"data.val_tokens": 16}, "lm.data.val_tokens", "val_tokens 16 is shorter"),
     ({"data.max_documents": 0}, "lm.data.max_documents", "(got 0)"),
+    ({"data.vocab_size": 100}, "lm.data.vocab_size", "use 257 or more"),
+    (
+        {"data.vocab_size": 10**9},
+        "lm.data.vocab_size",
+        "vocab_size 1000000000 is too large for the bpe tokenizer",
+    ),
     (
         {"data.max_train_tokens": 32},
         "lm.data.max_train_tokens",
@@ -267,6 +273,7 @@ INVALID_LM_SETTINGS = [
     ({"grid.seed": ["0"]}, "lm.grid.seed.0", "(got '0')"),
     ({"budget.steps": "16"}, "lm.budget.steps", "(got '16')"),
     ({"target.value": float("nan")}, "lm.target.value", "nan"),
+    ({"target.value": -5.0}, "lm.target.value", "target value -5 can never be met"),
     ({"train.device": "gpu"}, "lm.train.device", "device 'gpu' is unknown"),
 ]
 
@@ -706,3 +713,51 @@ def test_cli_list_shows_paper_large_batch(capsys):
 
     output = capsys.readouterr().out
     assert "paper_large_batch   42 trials  (vision)" in output
+
+
+@pytest.mark.parametrize(
+    ("where", "name", "expected"),
+    [
+        ("study", "a/b", "name 'a/b' contains '/'"),
+        ("study", "", "name '' is blank"),
+        ("label", "lm/x", "scales.smoke.workloads.lm/x (line "),
+        ("label", "a\nb", "scales.smoke.workloads.'a\\nb' (line "),
+        ("label", " ", "name ' ' is blank"),
+        ("setting", "x\\y", ".setting (line "),
+        ("series", "s\tt", "contains '\\t'"),
+    ],
+)
+def test_spec_rejects_names_unfit_for_files_and_keys(tmp_path, where, name, expected):
+    spec = yaml.safe_load(available_studies()["adam_vs_adampower"].read_text())
+    workloads = spec["scales"]["smoke"]["workloads"]
+    label = next(iter(workloads))
+    if where == "study":
+        spec["name"] = name
+    elif where == "label":
+        workloads[name] = workloads.pop(label)
+    else:
+        workloads[label][where] = name
+    path = tmp_path / "names.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    message = _load_error(path)
+    assert expected in message
+    assert "use letters, digits" in message or "write one such as" in message
+
+
+def test_spec_accepts_names_with_spaces_and_signs(tmp_path):
+    spec = yaml.safe_load(available_studies()["batch_power_grid"].read_text())
+    workloads = spec["scales"]["smoke"]["workloads"]
+    workloads["lm a+b=ü"] = dict(workloads.pop("lm"), workload="lm")
+    path = tmp_path / "names.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert "lm a+b=ü" in load_study(str(path)).scale("smoke").workloads
+
+
+def test_spec_rejects_accuracy_target_in_percent(tmp_path):
+    def edit(entry):
+        entry["target"] = {"metric": "val/accuracy", "value": 93, "mode": "max"}
+
+    message = _load_error(_write_entry(tmp_path, "batch_power_grid", "vision", edit))
+    assert "scales.smoke.workloads.vision.target.value" in message
+    assert "target value 93 is not an accuracy" in message
+    assert "write 0.93 for 93%" in message

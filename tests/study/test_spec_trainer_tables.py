@@ -12,12 +12,12 @@ import torch
 from study.spec import (
     DEVICE_PATTERN,
     MAX_SEED,
-    MIN_BPE_VOCAB_SIZE,
     TORCHVISION_RESNET_PRESETS,
     lm_presets,
     vision_presets,
 )
 from trainers.data import text
+from trainers.tables import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE
 from trainers.workloads import lm
 from trainers.workloads import vision as vision_workload
 
@@ -50,10 +50,12 @@ def test_data_kinds_match_trainers():
         text.TextSource(kind="wikipedia")
 
 
-def test_bpe_minimum_matches_trainers():
+def test_bpe_vocabulary_bounds_hold_in_trainers():
     text.TokenizerSpec(kind="bpe", vocab_size=MIN_BPE_VOCAB_SIZE)
-    with pytest.raises(ValueError, match="at least 257"):
-        text.TokenizerSpec(kind="bpe", vocab_size=MIN_BPE_VOCAB_SIZE - 1)
+    text.TokenizerSpec(kind="bpe", vocab_size=MAX_BPE_VOCAB_SIZE)
+    for size in (MIN_BPE_VOCAB_SIZE - 1, MAX_BPE_VOCAB_SIZE + 1):
+        with pytest.raises(ValueError, match=f"vocab_size {size} is invalid"):
+            text.TokenizerSpec(kind="bpe", vocab_size=size)
 
 
 def test_seed_range_matches_numpy():

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from trainers.data.errors import DataUnavailableError, one_line
-from trainers.tables import SourceKind
+from trainers.tables import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, SourceKind
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,10 @@ class TokenizerSpec:
 
     def __post_init__(self) -> None:
         if self.kind == "bpe":
-            # 256 byte tokens plus EOS is the smallest byte-level vocabulary.
-            if self.vocab_size < 257:
+            if not MIN_BPE_VOCAB_SIZE <= self.vocab_size <= MAX_BPE_VOCAB_SIZE:
                 raise ValueError(
-                    f"bpe vocab_size must be at least 257, got {self.vocab_size}"
+                    f"bpe vocab_size {self.vocab_size} is invalid; use "
+                    f"{MIN_BPE_VOCAB_SIZE} to {MAX_BPE_VOCAB_SIZE}"
                 )
         elif self.kind == "pretrained":
             if not self.name_or_path:
