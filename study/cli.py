@@ -572,10 +572,10 @@ def _run_or_resume_locked(
         )
     except KeyboardInterrupt:
         run_recorded = recorded[-1] if recorded else None
-        print(
-            _interrupted_message(args, spec, workspace, run_recorded, sigterm.received),
-            file=sys.stderr,
+        message = _interrupted_message(
+            args, spec, workspace, run_recorded, sigterm.received, client
         )
+        print(message, file=sys.stderr)
         return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
     counts: dict[str, int] = {}
     for state in result.end_states.values():
@@ -596,24 +596,31 @@ def _run_or_resume_locked(
         f"\nstudy {spec.name} ({args.scale}) finished in "
         f"{result.wall_seconds:.0f} s: {summary}"
     )
-    if _analysis_kind(spec) != "power_trend":
-        _analyze_final_states(
-            workspace,
-            spec,
-            args.scale,
-            result.run.run_id,
-            client,
-            result.parent_run_id,
+    try:
+        if _analysis_kind(spec) != "power_trend":
+            _analyze_final_states(
+                workspace,
+                spec,
+                args.scale,
+                result.run.run_id,
+                client,
+                result.parent_run_id,
+            )
+        else:
+            _analyze_and_export(
+                workspace,
+                spec.name,
+                args.scale,
+                result.run.run_id,
+                client,
+                result.parent_run_id,
+            )
+    except KeyboardInterrupt:
+        message = _interrupted_message(
+            args, spec, workspace, result.run.run_id, sigterm.received, client
         )
-    else:
-        _analyze_and_export(
-            workspace,
-            spec.name,
-            args.scale,
-            result.run.run_id,
-            client,
-            result.parent_run_id,
-        )
+        print(message, file=sys.stderr)
+        return EXIT_TERMINATED if sigterm.received else EXIT_INTERRUPTED
     print(f"\nCompare the trials in the MLflow UI: {_ui_command(args, workspace)}")
     failed = sorted(
         key for key, state in result.end_states.items() if state == "failed"
@@ -712,15 +719,28 @@ def _interrupted_message(
     workspace: Workspace,
     run_id: str | None,
     by_sigterm: bool,
+    client=None,
 ) -> str:
     """Return the line printed when Ctrl-C or SIGTERM stopped `study run` or
     `study resume` in a way that Ray Tune did not handle: before Tune started,
-    or a second time while Tune stopped the trials. `run_id` is the run
-    recorded so far, if any."""
+    a second time while Tune stopped the trials, or after every trial ended.
+    `run_id` is the run recorded so far, if any."""
+    from study.recording import find_parent_run
     from study.runner import is_restorable
 
     cause = "terminated by SIGTERM" if by_sigterm else "interrupted"
     stopped = f"study {spec.name} ({args.scale}) {cause}"
+    parent = (
+        find_parent_run(client, spec.name, args.scale, run_id)
+        if client is not None and run_id is not None
+        else None
+    )
+    if parent is not None and parent.info.status == "FINISHED":
+        return (
+            f"{stopped} after every trial of run {run_id} ended; they are all "
+            f"recorded, so print the analysis with: "
+            f"{_analyze_command(args, workspace, run_id)}"
+        )
     if run_id is None:
         start = _run_command(args, workspace, fresh=getattr(args, "fresh", False))
         return f"{stopped} before its run was recorded; start it again with: {start}"

@@ -41,7 +41,7 @@ from study.recording import (
     find_parent_run,
 )
 from study.spec import StudyFileError, StudySpec, ToyNoiseStudy, WorkloadStudy
-from study.workspace import Workspace
+from study.workspace import Workspace, signals_deferred
 from trainers.config import TrialConfig
 from trainers.loop import run_trial
 from trainers.toy_noise import run_toy_trial
@@ -930,15 +930,19 @@ def run_study(
             threading.current_thread() is threading.main_thread()
         ):
             signal.signal(signal.SIGINT, sigint_handler)
-        # A fresh connection reads what the callback wrote in this process.
-        final = open_recorder()
-        unfinished = final.unfinished_keys()
-        if status == RunStatus.FINISHED and unfinished:
-            status = RunStatus.KILLED
-        final.stop_unfinished()
-        client.set_terminated(parent_run_id, RunStatus.to_string(status))
-        if started_ray:
-            ray.shutdown()
+        # A Ctrl-C here stopped `ray.shutdown` halfway, after which the driver
+        # exited with status 1, or came before the parent run was ended and
+        # left it RUNNING. Signals wait until these steps are done.
+        with signals_deferred():
+            # A fresh connection reads what the callback wrote in this process.
+            final = open_recorder()
+            unfinished = final.unfinished_keys()
+            if status == RunStatus.FINISHED and unfinished:
+                status = RunStatus.KILLED
+            final.stop_unfinished()
+            client.set_terminated(parent_run_id, RunStatus.to_string(status))
+            if started_ray:
+                ray.shutdown()
 
     end_states = {
         key: record.end_state

@@ -37,12 +37,12 @@ ARTIFACT_FOLDER = "mlartifacts"
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block ends, then raise them again.
 
-    MLflow creates a new tracking store's tables in several migrations, and
-    an interrupt between two of them left a database that no later command
-    could open.
+    For steps that must not stop halfway. MLflow creates a new tracking
+    store's tables in several migrations, and an interrupt between two of them
+    left a database that no later command could open.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -218,7 +218,7 @@ class Workspace:
         """
         from study.recording import open_optuna_storage
 
-        with self.store_setup_lock(), _signals_deferred():
+        with self.store_setup_lock(), signals_deferred():
             self._update_identity()
             client = open_tracking_client(self.tracking_uri)
             open_optuna_storage(self.optuna_storage)

@@ -1238,3 +1238,49 @@ def test_second_interrupt_prints_resume(tmp_path, monkeypatch, capsys):
     assert {child.data.tags["end_state"] for child in children} == {"censored"}
     (trials,) = _trials_by_run(workspace, name).values()
     assert _trial_keys(trials) == BOTH_KEYS
+
+
+@pytest.mark.parametrize("moment", ["run end", "analysis"])
+def test_interrupt_after_trials_names_analyze(tmp_path, monkeypatch, capsys, moment):
+    """Ctrl-C once every trial has ended, while the driver ends the run or
+    analyzes it, leaves the parent run FINISHED and names `study analyze`,
+    which reads the run as printed."""
+    import signal
+
+    from study.cli import EXIT_INTERRUPTED
+    from study.recording import StudyRecorder
+
+    name = "late_interrupt"
+    path = write_study(tmp_path, name, TWO_POWERS, steps=STEPS)
+    workspace = tmp_path / "ws"
+    if moment == "run end":
+        stop_unfinished = StudyRecorder.stop_unfinished
+
+        def interrupt_then_stop(self):
+            # The signal arrives before the parent run is ended and Ray stops.
+            signal.raise_signal(signal.SIGINT)
+            return stop_unfinished(self)
+
+        monkeypatch.setattr(StudyRecorder, "stop_unfinished", interrupt_then_stop)
+    else:
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("study.cli._analyze_and_export", interrupt)
+    code = main(_run_args(workspace, study=str(path)))
+    output = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED, output.err[-3000:]
+    (parent,) = _parents_by_run(workspace, name).values()
+    assert parent.info.status == "FINISHED"
+    run_id = parent.data.tags["study_run_id"]
+    (line,) = [line for line in output.err.splitlines() if "interrupted" in line]
+    assert line.startswith(
+        f"study {name} ({SCALE}) interrupted after every trial of run {run_id} "
+        "ended; they are all recorded, so print the analysis with: "
+    )
+    argv = shlex.split(line.split("print the analysis with: ", 1)[1])
+    argv = argv[argv.index("analyze") :]
+    monkeypatch.undo()
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert "steps to val/loss" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from study.cli import EXIT_BAD_INPUT, main
 from study.recording import ensure_experiment
 from study.runner import unfinished_runs
 from study.spec import StudyFileError
-from study.workspace import IDENTITY_FILE, Workspace, _is_copy_of, _signals_deferred
+from study.workspace import IDENTITY_FILE, Workspace, _is_copy_of, signals_deferred
 
 STUDY = "relocation"
 SCALE = "smoke"
@@ -304,7 +304,7 @@ def test_signals_wait_for_store_creation():
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(1))
     try:
-        with _signals_deferred():
+        with signals_deferred():
             signal.raise_signal(signal.SIGTERM)
             assert received == []
         assert received == [1]
