@@ -117,21 +117,23 @@ def _check_seeds(seeds: list[int]) -> list[int]:
 
 def _check_name(name: str) -> str:
     """Reject a study name, workload label, setting or series that cannot be
-    part of a file name, trial key or Optuna study name: one that is blank or
-    contains a `/`, a `\\` or a control character such as a newline."""
+    part of a file name, trial key, Optuna study name or MLflow search filter:
+    one that is blank or contains a `/`, a `\\`, a quote or a control character
+    such as a newline."""
     if not name.strip():
         raise ValueError(
             f"name {name!r} is blank; it names files, trial keys and Optuna "
             "studies, so write one such as lm_small"
         )
     unfit = sorted(
-        {c for c in name if c in "/\\" or unicodedata.category(c).startswith("C")}
+        {c for c in name if c in "/\\'\"" or unicodedata.category(c).startswith("C")}
     )
     if unfit:
         characters = ", ".join(repr(c) for c in unfit)
         raise ValueError(
-            f"name {name!r} contains {characters}; it names files, trial keys and Optuna "
-            "studies, so use letters, digits, spaces and _ - . + = instead"
+            f"name {name!r} contains {characters}; it names files, trial keys, "
+            "Optuna studies and MLflow searches, so use letters, digits, spaces "
+            "and _ - . + = instead"
         )
     return name
 

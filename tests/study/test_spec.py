@@ -725,6 +725,8 @@ def test_cli_list_shows_paper_large_batch(capsys):
         ("label", " ", "name ' ' is blank"),
         ("setting", "x\\y", ".setting (line "),
         ("series", "s\tt", "contains '\\t'"),
+        ("study", "x'y", 'contains "\'"'),
+        ("label", 'a"b', "contains '\"'"),
     ],
 )
 def test_spec_rejects_names_unfit_for_files_and_keys(tmp_path, where, name, expected):
