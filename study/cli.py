@@ -1200,6 +1200,7 @@ def _open_recorded_workspace(
     `writes` names the command when it writes into the workspace, which must
     then be writable.
     """
+    spec.scale(args.scale)  # a scale the study lacks, before the workspace
     workspace = Workspace.open(
         args.workspace, args.tracking_uri, args.optuna_storage, create=False
     )

@@ -763,3 +763,16 @@ def test_spec_rejects_accuracy_target_in_percent(tmp_path):
     assert "scales.smoke.workloads.vision.target.value" in message
     assert "target value 93 is not an accuracy" in message
     assert "write 0.93 for 93%" in message
+
+
+@pytest.mark.parametrize("command", ["analyze", "export-table", "report"])
+def test_cli_reading_command_rejects_unknown_scale(tmp_path, capsys, command):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    argv = [command, "batch_power_grid", "--scale", "huge"]
+    code = main([*argv, "--workspace", str(workspace)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "has no scale 'huge'; choose one of" in error
+    assert "study run" not in error
+    assert list(workspace.iterdir()) == []
