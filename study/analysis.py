@@ -15,14 +15,9 @@ AdamPower predicts when the gradient noise scale falls as 1/sqrt(batch size).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -274,32 +269,16 @@ def _load_curves(client, trials: pd.DataFrame, metrics: list[str]) -> pd.DataFra
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
 def _recorded_eps(client, parent_run_id: str, label: str) -> float | None:
     """Adam's epsilon from the run's metadata.json artifact, if it names one."""
-    with (
-        tempfile.TemporaryDirectory() as directory,
-        _environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-    ):
-        try:
-            path = client.download_artifacts(parent_run_id, "metadata.json", directory)
-            config = json.loads(Path(path).read_text())["config"]
-            eps = config["workloads"][label]["train"]["eps"]
-        except (OSError, KeyError, TypeError, ValueError) as error:
-            logger.debug("no recorded eps for %s: %s", label, error)
-            return None
+    from study.recording import read_metadata
+
+    try:
+        config = read_metadata(client, parent_run_id)["config"]
+        eps = config["workloads"][label]["train"]["eps"]
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        logger.debug("no recorded eps for %s: %s", label, error)
+        return None
     return float(eps)
 
 

@@ -12,9 +12,12 @@ import functools
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -174,6 +177,27 @@ def find_parent_run(client: MlflowClient, study: str, scale: str, run_id: str | 
     if not parents:
         return None
     return max(parents, key=lambda parent: parent.data.tags.get("study_run_id", ""))
+
+
+def read_metadata(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
+    """Return the metadata.json artifact of MLflow run `parent_run_id`.
+
+    MLflow's download progress bar is turned off, since it would print one
+    bar per read in the middle of a command's output. Raises what MLflow and
+    json raise when the file is missing or unreadable.
+    """
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = client.download_artifacts(parent_run_id, "metadata.json", folder)
+            return json.loads(Path(path).read_text())
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def trial_summary(key: str, unit: str, state: str, result: dict[str, Any]) -> dict:

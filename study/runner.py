@@ -39,6 +39,7 @@ from study.recording import (
     StudyRecorder,
     ensure_experiment,
     find_parent_run,
+    read_metadata,
 )
 from study.spec import StudyFileError, StudySpec, ToyNoiseStudy, WorkloadStudy
 from study.workspace import Workspace, signals_deferred
@@ -680,19 +681,15 @@ def _recorded_metadata(
     parent = find_parent_run(client, study, scale_name, run_id)
     if parent is None:
         return {}
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = client.download_artifacts(
-                parent.info.run_id, "metadata.json", folder
-            )
-            metadata = json.loads(Path(path).read_text())
-        except Exception:  # noqa: BLE001 - MLflow raises several types here
-            logger.warning(
-                "run %s has no readable metadata.json, so its settings and data "
-                "are not compared with the study file",
-                run_id,
-            )
-            return {}
+    try:
+        metadata = read_metadata(client, parent.info.run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types here
+        logger.warning(
+            "run %s has no readable metadata.json, so its settings and data "
+            "are not compared with the study file",
+            run_id,
+        )
+        return {}
     return metadata if isinstance(metadata, dict) else {}
 
 
