@@ -1241,7 +1241,9 @@ def test_second_interrupt_prints_resume(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("moment", ["run end", "analysis"])
-def test_interrupt_after_trials_names_analyze(tmp_path, monkeypatch, capsys, moment):
+def test_interrupt_after_trials_names_analyze(
+    tmp_path, monkeypatch, capsys, request, moment
+):
     """Ctrl-C once every trial has ended, while the driver ends the run or
     analyzes it, leaves the parent run FINISHED and names `study analyze`,
     which reads the run as printed."""
@@ -1253,6 +1255,10 @@ def test_interrupt_after_trials_names_analyze(tmp_path, monkeypatch, capsys, mom
     name = "late_interrupt"
     path = write_study(tmp_path, name, TWO_POWERS, steps=STEPS)
     workspace = tmp_path / "ws"
+    # Python's own handler, as in a fresh `study` process: an earlier Ray Tune
+    # run in this process can leave Tune's handler, which only sets a flag.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_handler))
     if moment == "run end":
         stop_unfinished = StudyRecorder.stop_unfinished
 
