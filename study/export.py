@@ -362,9 +362,16 @@ def _latex_escape(text: str) -> str:
 def latex_label(*parts: object) -> str:
     """Return a `\\label` key `tab:<parts joined by ->` in which every character
     other than an ASCII letter, digit, `.` or `-` of the study, scale and
-    workload names becomes `-`, so that any name gives a key LaTeX reads."""
+    workload names becomes `-`, so that any name gives a key LaTeX reads.
+
+    Where a character other than `_` was replaced, the key ends in `-` and six
+    hex digits of a hash of the names, so that labels `lm a` and `lm+a` give
+    two keys."""
     key = "-".join(str(part) for part in parts)
-    return "tab:" + re.sub(r"[^A-Za-z0-9.-]", "-", key)
+    label = re.sub(r"[^A-Za-z0-9.-]", "-", key)
+    if label != key.replace("_", "-"):
+        label += "-" + hashlib.sha1(key.encode()).hexdigest()[:6]
+    return "tab:" + label
 
 
 def to_latex(table: PowerTable, label: str) -> str:

@@ -132,8 +132,8 @@ def _check_name(name: str) -> str:
         characters = ", ".join(repr(c) for c in unfit)
         raise ValueError(
             f"name {name!r} contains {characters}; it names files, trial keys, "
-            "Optuna studies and MLflow searches, so use letters, digits, spaces "
-            "and _ - . + = instead"
+            "Optuna studies and MLflow searches, so leave out /, \\, quotes and "
+            "control characters"
         )
     return name
 

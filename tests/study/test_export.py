@@ -348,5 +348,13 @@ def test_metric_names_keep_settings_that_read_alike_apart(mlflow_store):
 
 
 def test_latex_label_keeps_only_characters_latex_reads():
-    label = latex_label("my_study", "smoke", "lm a'b\"c{ü}", "steps")
-    assert label == "tab:my-study-smoke-lm-a-b-c----steps"
+    assert latex_label("my_study", "smoke", "lm", "steps") == (
+        "tab:my-study-smoke-lm-steps"
+    )
+    spaced = latex_label("my_study", "smoke", "lm a", "steps")
+    signed = latex_label("my_study", "smoke", "lm+a", "steps")
+    assert re.fullmatch(r"tab:my-study-smoke-lm-a-steps-[0-9a-f]{6}", spaced)
+    assert re.fullmatch(r"tab:my-study-smoke-lm-a-steps-[0-9a-f]{6}", signed)
+    assert spaced != signed
+    odd = latex_label("my_study", "smoke", "lm a'b\"c{ü}", "steps")
+    assert re.fullmatch(r"tab:my-study-smoke-lm-a-b-c----steps-[0-9a-f]{6}", odd)
