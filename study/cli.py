@@ -349,9 +349,10 @@ def _log_files(client, analysis, parent_run_id, paths, folder: str) -> None:
 
 
 def _log_fit_metrics(client, analyses, parent_run_id) -> None:
-    """Log each workload's fitted slope and best powers on the run's parent run,
-    all in one call, so that labels that read alike as metric names get told
-    apart."""
+    """Log each workload's fitted slope and best powers on the run's parent run.
+
+    All workloads go through one `metric_names` call, so labels that give the
+    same metric name get distinct names."""
     from study.export import metric_names
 
     parent = parent_run_id or analyses[0].run.parent_run_id

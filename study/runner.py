@@ -186,7 +186,7 @@ class Progress:
         if "noise_ratio" in plan.params:
             if state == "complete":
                 return self._toy_detail(plan, result)
-            return f"{state}", "not counted in the best p"
+            return state, "not counted in the best p"
         if state == "complete":
             return self._final_loss_detail(plan, result)
         return self._training_detail(plan, state, result)

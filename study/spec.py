@@ -116,10 +116,11 @@ def _check_seeds(seeds: list[int]) -> list[int]:
 
 
 def _check_name(name: str) -> str:
-    """Reject a study name, workload label, setting or series that cannot be
-    part of a file name, trial key, Optuna study name or MLflow search filter:
-    one that is blank or contains a `/`, a `\\`, a quote or a control character
-    such as a newline."""
+    """Reject a study name, workload label, setting or series that is blank or
+    contains a `/`, a `\\`, a quote or a control character such as a newline.
+
+    Such a name cannot be part of a file name, trial key, Optuna study name or
+    MLflow search filter."""
     if not name.strip():
         raise ValueError(
             f"name {name!r} is blank; it names files, trial keys and Optuna "
